@@ -79,9 +79,8 @@ def prepare(fmt, sources, out, images, tokenizer, lang, min_count, max_length, i
       csv       image,caption[,split] tables (images under --images or <csv dir>/images)
       synthetic no SOURCE: generates the demo shapes set in OUT/source and prepares it
     """
-    from captions.pipeline.prepare import PrepareOptions
+    from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
     from captions.pipeline.prepare import prepare as run_prepare
-    from captions.pipeline.prepare import prepare_synthetic
 
     if fmt == "synthetic":
         if sources:
