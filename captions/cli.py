@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -102,3 +103,92 @@ def prepare(fmt, sources, out, images, tokenizer, lang, min_count, max_length, i
     counts = ", ".join(f"{s} {c['images']} images / {c['captions']} captions" for s, c in manifest["counts"].items())
     click.echo(f"prepared {out}: {counts}; vocabulary {manifest['vocab_size']} tokens; "
                f"{manifest['skipped_count']} images skipped")
+
+
+# ------------------------------------------------------------------------------------- extract-features
+@main.command("extract-features")
+@click.argument("dataset_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backbone", default="regnet_x_400mf", show_default=True,
+              help="regnet_x_400mf, regnet_x_800mf, resnet18/34/50/101/152, or timm/<model> "
+                   "(e.g. timm/tf_efficientnet_lite0).")
+@click.option("--weights", default="default", show_default=True,
+              help="'default' (library's pretrained weights, downloaded), 'none' (random init), or a state_dict PATH.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cache file [default: DATASET_DIR/features-<backbone>-<size>.h5].")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32), help="Crop fed to the CNN.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(0),
+              help="DataLoader decode processes [default: 1 on CPU, 4 on CUDA].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+              help="HDF5 compression (see benchmarks/README.md: it costs more than it saves here).")
+@click.option("--chunk-rows", default=256, show_default=True, type=click.IntRange(1),
+              help="Images per HDF5 chunk (also the unit of resume).")
+@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Memory layout for the CNN (auto: on; it measured faster on CPU and GPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Forward-pass autocast. auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_features_cmd(dataset_dir, backbone, weights, out, image_size, dtype, batch_size, workers, device,
+                         compression, chunk_rows, channels_last, precision, quiet) -> None:
+    """Run a CNN once over DATASET_DIR (from 'captions prepare') and cache its features in HDF5.
+
+    Stores spatial features (N x h*w x C) for attention and pooled features (N x C), row i = image
+    id i, with the backbone, weights, preprocessing and dataset hash as attributes. Interrupted runs
+    resume; under 'torchrun --nproc_per_node N -m captions extract-features ...' the images are
+    split across ranks and merged into one file.
+    """
+    from captions.features.extract import ExtractOptions, extract_features
+
+    opts = ExtractOptions(backbone=backbone, weights=weights, image_size=image_size, dtype=dtype,
+                          batch_size=batch_size, workers=workers, device=device, compression=compression,
+                          chunk_rows=chunk_rows, channels_last=channels_last, precision=precision)
+    path = extract_features(dataset_dir, out, opts, progress=not quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        click.echo(f"features: {path}")
+
+
+# ---------------------------------------------------------------------------------------------- download
+@main.command()
+@click.argument("dataset", metavar="DATASET", type=click.Choice(["coco", "flickr8k"]))
+@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to download and extract into (created; an interrupted run resumes).")
+@click.option("--year", type=click.Choice(["2014", "2017"]), default=None, show_default="2014",
+              help="coco only: which release.")
+@click.option("--what", default=None, show_default="annotations,train,val",
+              help="coco only: comma-separated parts to fetch (annotations, train, val).")
+@click.option("--mirror", envvar="CAPTIONS_MIRROR", default=None, metavar="URL_PREFIX",
+              help="Fetch from this prefix instead of each URL's scheme://host (the path is kept) "
+                   "[env: CAPTIONS_MIRROR].")
+@click.option("--keep-archives/--delete-archives", default=True, show_default=True,
+              help="Keep the downloaded archives in DEST/archives after extracting them.")
+@click.option("--tries", default=6, show_default=True, type=click.IntRange(1),
+              help="Attempts in a row without data before giving up (connection errors, timeouts, 5xx).")
+@click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds before the first retry; doubled each retry (at most 60).")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds to wait for a connection or for data.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_delay, timeout, quiet) -> None:
+    """Download DATASET (coco or flickr8k) into DEST, verify and extract it for 'captions prepare'.
+
+    \b
+    Resumes interrupted downloads (HTTP Range), retries with backoff, checks sizes and known
+    checksums, extracts safely, and does nothing when DEST is already complete. Prints the
+    'captions prepare' command to run next.
+    """
+    from captions.pipeline.download import download_dataset, plan, prepare_command
+
+    if dataset != "coco" and (year is not None or what is not None):
+        raise CaptionsError("--year and --what apply to coco only")
+    year = year or "2014"
+    parts = None if what is None else [p.strip() for p in what.split(",") if p.strip()]
+    archives = plan(dataset, year=year, what=parts, mirror=mirror)
+    report = download_dataset(archives, dest, keep_archives=keep_archives, progress=not quiet, tries=tries,
+                              retry_delay=retry_delay, timeout=timeout)
+    if report.already_complete:
+        click.echo(f"{dest}: already complete, nothing to do")
+    else:
+        click.echo(f"{dest}: downloaded, verified and extracted {', '.join(report.done)}")
+    click.echo(f"next: {prepare_command(dataset, dest, year)}")

@@ -1,0 +1,63 @@
+"""Caption metrics from pycocoevalcap: BLEU-1..4, METEOR (needs Java), ROUGE-L, CIDEr.
+
+Inputs are already tokenized strings (space-joined tokens from ``prepare``), so the PTB tokenizer
+(another Java process) is not needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+
+log = logging.getLogger("captions")
+_warned_java = False
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def score_captions(references: dict[int, list[str]], predictions: dict[int, str],
+                   metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")) -> dict[str, float]:
+    """Corpus scores of ``predictions`` (image id -> caption) against ``references`` (id -> captions).
+
+    Returns a dict with keys among BLEU-1..BLEU-4, METEOR, ROUGE-L, CIDEr. METEOR is left out,
+    with one warning per process, when ``java`` is not on PATH.
+    """
+    global _warned_java
+    ids = [i for i in predictions if i in references]
+    if not ids:
+        return {}
+    gts = {i: [r if r.strip() else "<empty>" for r in references[i]] for i in ids}
+    res = {i: [predictions[i] if predictions[i].strip() else "<empty>"] for i in ids}
+    out: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
+        if "bleu" in metrics:
+            from pycocoevalcap.bleu.bleu import Bleu
+
+            scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            out.update({f"BLEU-{n + 1}": float(s) for n, s in enumerate(scores)})
+        if "meteor" in metrics:
+            if java_available():
+                from pycocoevalcap.meteor.meteor import Meteor
+
+                scorer = Meteor()
+                try:
+                    out["METEOR"] = float(scorer.compute_score(gts, res)[0])
+                finally:
+                    with contextlib.suppress(Exception):
+                        scorer.close()
+            elif not _warned_java:
+                _warned_java = True
+                log.warning("METEOR skipped: it needs Java ('java' is not on PATH); reporting the other metrics")
+        if "rouge" in metrics:
+            from pycocoevalcap.rouge.rouge import Rouge
+
+            out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        if "cider" in metrics:
+            from pycocoevalcap.cider.cider import Cider
+
+            out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out

@@ -1,0 +1,104 @@
+"""Feeding the trainer: caption batches in a reproducible order, features from RAM or streamed.
+
+An image's features are stored once (in the cache), never once per caption: batches carry
+caption rows, and the features of their images are gathered per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from captions.features.cache import FeatureCache
+
+log = logging.getLogger("captions")
+
+
+def epoch_batches(rows: np.ndarray, image_of_row: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  block_images: int | None = None) -> list[np.ndarray]:
+    """The caption-row batches of one epoch, a pure function of (seed, epoch) so a resumed run
+    replays the same order.
+
+    ``rows``: caption rows to train on; ``image_of_row``: image id (cache row) of every caption row.
+    With ``block_images`` (streaming), images are grouped in blocks of consecutive ids; blocks come
+    in random order and a batch never spans two blocks, so each block is read from disk once.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if block_images is None:
+        perm = rows[rng.permutation(len(rows))]
+        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    blocks = image_of_row[rows] // block_images
+    batches = []
+    for b in rng.permutation(np.unique(blocks)):
+        in_block = rows[blocks == b]
+        in_block = in_block[rng.permutation(len(in_block))]
+        batches += [in_block[i : i + batch_size] for i in range(0, len(in_block), batch_size)]
+    return batches
+
+
+class FeatureStore:
+    """Features by image id, as float32 tensors on ``device``.
+
+    In RAM (float16/32 as stored) when the needed array fits ``ram_budget`` bytes, otherwise
+    streamed: ``block_images`` consecutive rows are read at a time (a contiguous, chunk-aligned
+    HDF5 read), the next block being prefetched in a background thread.
+    """
+
+    def __init__(self, cache: FeatureCache, spatial: bool, ram_budget: int, device: torch.device) -> None:
+        self.cache, self.spatial, self.device = cache, spatial, device
+        ds = cache._file["spatial" if spatial else "pooled"]
+        self.dataset = ds
+        row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        self.in_ram = row_bytes * ds.shape[0] <= ram_budget
+        if self.in_ram:
+            self.block_images = None
+            self.array = torch.from_numpy(ds[:])
+            log.info("features in RAM: %.1f MB", self.array.numel() * self.array.element_size() / 1e6)
+        else:
+            chunk = int(cache.metadata.get("chunk_rows", 256))
+            # two blocks live at once (current + prefetched): each gets a third of the budget
+            self.block_images = max(chunk, (ram_budget // 3 // row_bytes) // chunk * chunk)
+            log.info("features streamed from %s in blocks of %d images (%.0f MB each)", cache.path,
+                     self.block_images, self.block_images * row_bytes / 1e6)
+        self._block: tuple[int, torch.Tensor] | None = None
+        self._prefetch: tuple[int, threading.Thread, list] | None = None
+
+    def _read_block(self, b: int) -> torch.Tensor:
+        a = b * self.block_images
+        return torch.from_numpy(self.dataset[a : min(a + self.block_images, self.dataset.shape[0])])
+
+    def prefetch(self, b: int) -> None:
+        """Start reading block ``b`` in the background (streaming mode only)."""
+        if self.in_ram or (self._prefetch is not None and self._prefetch[0] == b):
+            return
+        box: list = []
+        t = threading.Thread(target=lambda: box.append(self._read_block(b)), daemon=True)
+        t.start()
+        self._prefetch = (b, t, box)
+
+    def _block_tensor(self, b: int) -> torch.Tensor:
+        if self._block is not None and self._block[0] == b:
+            return self._block[1]
+        if self._prefetch is not None and self._prefetch[0] == b:
+            _, t, box = self._prefetch
+            t.join()
+            self._prefetch = None
+            tensor = box[0] if box else self._read_block(b)
+        else:
+            tensor = self._read_block(b)
+        self._block = (b, tensor)
+        return tensor
+
+    def gather(self, image_ids: np.ndarray) -> torch.Tensor:
+        """image ids (B,) -> features (B, C) or (B, P, C) float32 on the device."""
+        idx = torch.from_numpy(np.asarray(image_ids, dtype=np.int64))
+        if self.in_ram:
+            feats = self.array.index_select(0, idx)
+        else:
+            b = int(image_ids[0]) // self.block_images
+            block = self._block_tensor(b)
+            feats = block.index_select(0, idx - b * self.block_images)
+        return feats.to(self.device, non_blocking=True).float()
