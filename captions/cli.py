@@ -192,3 +192,60 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
     else:
         click.echo(f"{dest}: downloaded, verified and extracted {', '.join(report.done)}")
     click.echo(f"next: {prepare_command(dataset, dest, year)}")
+
+
+# ------------------------------------------------------------------------------------------------ train
+@main.command("train")
+@click.argument("model", type=click.Choice(["rnn", "lstm", "attn"]))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Prepared-dataset directory (from 'captions prepare').")
+@click.option("--features", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Feature cache (from 'captions extract-features').")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory: best.pt, last.pt, metrics.jsonl.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (peak).")
+@click.option("--embed-dim", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-dim", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--attention", type=click.Choice(["dot", "additive"]), default="dot", show_default=True,
+              help="attn only: scaled dot-product, or Show-Attend-Tell additive with gate and regulariser.")
+@click.option("--attention-dim", default=256, show_default=True, type=click.IntRange(1),
+              help="attn additive only: size of the attention MLP.")
+@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--feature-as-input", is_flag=True,
+              help="lstm only: feed the projected feature as the first input (Show and Tell) instead of h0/c0.")
+@click.option("--ds-lambda", default=1.0, show_default=True, type=float,
+              help="attn additive only: weight of the doubly stochastic attention regulariser.")
+@click.option("--loss", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+              help="sum: summed over time, averaged over the batch (classic); mean: per token.")
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 0.5))
+@click.option("--grad-clip", default=5.0, show_default=True, type=float, help="Max gradient norm (0: off).")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(1),
+              help="Early stopping: epochs without a better val CIDEr.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--ram-budget-gb", default=4.0, show_default=True, type=float,
+              help="Keep features in RAM when they fit, else stream them from the HDF5 cache.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(0),
+              help="Also save last.pt every N steps (0: only at epoch ends).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
+    """Train an rnn, lstm or attn decoder from a feature cache (the CNN is never run).
+
+    After each epoch: val loss, greedy val BLEU-4 and CIDEr, early stopping on CIDEr. Ctrl-C
+    saves a checkpoint at the current step; '--resume' continues exactly from it. Under
+    'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
+    """
+    from captions.trainer.train import TrainConfig, train
+
+    cfg = TrainConfig(model=model, **kwargs)
+    result = train(data_dir, features, out, cfg, resume=resume, progress=not quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        b = result["best"]
+        click.echo(f"trained {model}: best epoch {b.get('epoch')}"
+                   + (f", val CIDEr {b['CIDEr']:.3f}, BLEU-4 {b['BLEU-4']:.3f}" if "CIDEr" in b else "")
+                   + f"; checkpoints in {out}")

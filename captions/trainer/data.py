@@ -92,6 +92,18 @@ class FeatureStore:
         self._block = (b, tensor)
         return tensor
 
+    def gather_sorted(self, image_ids: np.ndarray) -> torch.Tensor:
+        """Features of any image ids (B,), read directly when streaming (for evaluation)."""
+        if self.in_ram:
+            return self.gather(image_ids)
+        ids = np.asarray(image_ids, dtype=np.int64)
+        order = np.argsort(ids)
+        rows = np.empty_like(order)
+        rows[order] = np.arange(len(ids))
+        uniq, inverse = np.unique(ids[order], return_inverse=True)
+        feats = torch.from_numpy(self.dataset[uniq])[torch.from_numpy(inverse)][torch.from_numpy(rows)]
+        return feats.to(self.device).float()
+
     def gather(self, image_ids: np.ndarray) -> torch.Tensor:
         """image ids (B,) -> features (B, C) or (B, P, C) float32 on the device."""
         idx = torch.from_numpy(np.asarray(image_ids, dtype=np.int64))

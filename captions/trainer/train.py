@@ -1,0 +1,355 @@
+"""``captions train``: fit a decoder from the feature cache (the CNN never runs here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captions.decoding import greedy_decode
+from captions.errors import CaptionsError
+from captions.features.cache import FeatureCache
+from captions.features.extract import resolve_device
+from captions.metrics import score_captions
+from captions.pipeline.prepared import PreparedDataset, load_prepared
+from captions.pipeline.vocab import NULL_ID, decode_captions
+from captions.trainer.checkpoint import feature_meta, load_checkpoint, save_checkpoint
+from captions.trainer.data import FeatureStore, epoch_batches
+from captions.trainer.models import DecoderConfig, build_decoder, caption_loss, doubly_stochastic_penalty
+
+log = logging.getLogger("captions")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``captions train`` can be told; stored in every checkpoint."""
+
+    model: str = "attn"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attention: str = "dot"
+    attention_dim: int = 256
+    dropout: float = 0.5
+    feature_as_input: bool = False
+    ds_lambda: float = 1.0
+    loss: str = "sum"
+    label_smoothing: float = 0.0
+    grad_clip: float = 5.0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    patience: int = 3
+    seed: int = 0
+    device: str = "auto"
+    ram_budget_gb: float = 4.0
+    checkpoint_every: int = 500
+    eval_batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total``: cosine decays to 5 %, step
+    halves at 50 % and 75 %, none stays at 1."""
+    if schedule == "none" or total <= 0:
+        return 1.0
+    frac = min(step / total, 1.0)
+    if schedule == "cosine":
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+    if schedule == "step":
+        return 0.5 ** ((frac >= 0.5) + (frac >= 0.75))
+    raise CaptionsError(f"unknown schedule '{schedule}' (cosine, step or none)")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopFlag:
+    """Ctrl-C during training sets a flag checked between steps, so the checkpoint saved on the
+    way out is always at a clean step boundary."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading_main():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        if self.stop:  # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("interrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class TrainingInterrupted(CaptionsError):
+    """Raised after the checkpoint of an interrupted run is saved."""
+
+
+def evaluate_split(model, ds: PreparedDataset, store: FeatureStore, split: str, cfg: TrainConfig,
+                   device: torch.device, image_ids: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+    """Teacher-forced loss on ``rows`` and greedy BLEU-4 / CIDEr on ``image_ids`` of ``split``."""
+    model.eval()
+    max_len = ds.captions.shape[1] - 2
+    total, count = 0.0, 0
+    preds: dict[int, str] = {}
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.eval_batch_size):
+            r = rows[i : i + cfg.eval_batch_size]
+            caps = trim(torch.from_numpy(ds.captions[r]).long())
+            feats = store.gather_sorted(ds.image_ids[r])
+            logits, _ = model(feats, caps[:, :-1].to(device))
+            total += float(caption_loss(logits, caps[:, 1:].to(device), cfg.loss)) * len(r)
+            count += len(r)
+        for i in range(0, len(image_ids), cfg.eval_batch_size):
+            ids = image_ids[i : i + cfg.eval_batch_size]
+            tokens, _, _ = greedy_decode(model, store.gather_sorted(ids), max_len + 1)
+            for img, text in zip(ids.tolist(), decode_captions(tokens.cpu(), ds.vocab), strict=True):
+                preds[img] = text
+    refs = ds.references(split)
+    scores = score_captions(refs, preds, metrics=("bleu", "cider"))
+    model.train()
+    return {"val_loss": total / max(count, 1), "BLEU-4": scores.get("BLEU-4", 0.0),
+            "CIDEr": scores.get("CIDEr", 0.0), "samples": [preds[i] for i in list(preds)[:3]]}
+
+
+def trim(caps: torch.Tensor) -> torch.Tensor:
+    """Drop the all-``<NULL>`` tail columns of a caption batch (N, T) -> (N, T')."""
+    longest = int((caps != NULL_ID).sum(dim=1).max())
+    return caps[:, :longest]
+
+
+def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike,
+          cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
+          step_callback: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on the train split, evaluating on val after each epoch.
+
+    Writes ``out_dir/last.pt`` (every ``checkpoint_every`` steps and each epoch), ``best.pt``
+    (best val CIDEr) and ``metrics.jsonl``. ``resume`` continues from ``last.pt`` exactly where
+    it stopped. Returns {"best": {...}, "epochs_run": n, "out": path}.
+    """
+    from tqdm import tqdm
+
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir)
+    ds = load_prepared(data_dir)
+    cache = FeatureCache(features)
+    cache.check_dataset(ds.dataset_hash, what=str(data_dir))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    ckpt = None
+    last = out / "last.pt"
+    if resume:
+        if last.exists():
+            ckpt = load_checkpoint(last)
+            if ckpt["vocab"]["hash"] != ds.vocab.hash:
+                raise CaptionsError(f"checkpoint vocabulary (hash {ckpt['vocab']['hash'][:12]}) differs from the "
+                                    f"dataset's ({ds.vocab.hash[:12]}): it was trained on another prepared dataset",
+                                    last)
+            if ckpt["dataset_hash"] != ds.dataset_hash:
+                raise CaptionsError("checkpoint was trained on another prepared dataset (dataset_hash differs)", last)
+            old = TrainConfig.from_dict(ckpt["train_config"])
+            cfg = TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
+        else:
+            log.info("nothing to resume in %s; starting a new run", out)
+    elif last.exists():
+        raise CaptionsError("already holds a training run; pass --resume to continue it, or choose another --out",
+                            out)
+
+    device = resolve_device(cfg.device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    valid = cache.valid
+    train_rows = ds.split_caption_rows("train")
+    dropped = int((~valid[ds.image_ids[train_rows]]).sum())
+    if dropped:
+        log.warning("%d train captions belong to images without features (unreadable at extraction); left out",
+                    dropped)
+    train_rows = train_rows[valid[ds.image_ids[train_rows]]]
+    if len(train_rows) == 0:
+        raise CaptionsError("no training captions with features", data_dir)
+    val_ids = np.array([i for i in ds.split_image_ids("val") if valid[i]], dtype=np.int64)
+    val_rows = ds.split_caption_rows("val")
+    val_rows = val_rows[valid[ds.image_ids[val_rows]]]
+    if len(val_ids) == 0:
+        log.warning("no val split: no evaluation, no early stopping, best.pt = last epoch")
+
+    dcfg = DecoderConfig(vocab_size=len(ds.vocab), feature_dim=cache.channels, embed_dim=cfg.embed_dim,
+                         hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, attention=cfg.attention,
+                         attention_dim=cfg.attention_dim, feature_as_input=cfg.feature_as_input)
+    try:
+        core = build_decoder(cfg.model, dcfg).to(device)
+    except ValueError as e:
+        raise CaptionsError(str(e)) from None
+    store = FeatureStore(cache, core.uses_spatial, int(cfg.ram_budget_gb * 2**30), device)
+    optimizer = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0, store.block_images))
+    steps_per_epoch = n_batches // world if world > 1 else n_batches
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps))
+
+    start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
+    if ckpt is not None:
+        core.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
+        best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
+        set_rng_state(ckpt["rng"])
+        log.info("resuming %s at epoch %d, step %d", last, start_epoch + 1, start_step)
+    model = core
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out.mkdir(parents=True, exist_ok=True)
+    writer = tensorboard_writer(out) if rank == 0 else None
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        return {"model": cfg.model, "decoder_config": asdict(dcfg), "train_config": asdict(cfg),
+                "state_dict": core.state_dict(), "vocab": {"idx_to_token": ds.vocab.idx_to_token,
+                                                           "hash": ds.vocab.hash},
+                "dataset_hash": ds.dataset_hash, "max_length": int(ds.captions.shape[1] - 2),
+                "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
+                "bad_epochs": bad_epochs}
+
+    epoch = start_epoch
+    model.train()
+    with _StopFlag() as flag:
+        for epoch in range(start_epoch, cfg.epochs):
+            batches = epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, epoch, store.block_images)
+            batches = batches[: steps_per_epoch * world][rank::world]
+            skip = start_step if epoch == start_epoch else 0
+            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not progress or rank != 0)
+            t0, seen, running = time.perf_counter(), 0, None
+            for k in range(skip, len(batches)):
+                rows = batches[k]
+                if store.block_images is not None and k + 1 < len(batches):
+                    store.prefetch(int(ds.image_ids[batches[k + 1][0]]) // store.block_images)
+                caps = trim(torch.from_numpy(ds.captions[rows]).long()).to(device)
+                feats = store.gather(ds.image_ids[rows])
+                with amp:
+                    logits, alphas = model(feats, caps[:, :-1])
+                loss = caption_loss(logits, caps[:, 1:], cfg.loss, cfg.label_smoothing)
+                if alphas is not None and cfg.attention == "additive" and cfg.ds_lambda > 0:
+                    loss = loss + cfg.ds_lambda * doubly_stochastic_penalty(alphas.float(), caps[:, 1:])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                running = value if running is None else 0.98 * running + 0.02 * value
+                seen += len(rows)
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", caps_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+                if step_callback is not None:
+                    step_callback(int(scheduler.last_epoch))
+                if flag.stop or (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0):
+                    if rank == 0:
+                        save_checkpoint(last, checkpoint(epoch, k + 1))
+                    if flag.stop:
+                        bar.close()
+                        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, step {k + 1}; saved {last}; "
+                                                  f"continue with --resume")
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            stop = False
+            if rank == 0:
+                row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running, "lr": scheduler.get_last_lr()[0],
+                                       "captions_per_s": seen * world / max(elapsed, 1e-9), "time_s": elapsed}
+                if len(val_ids):
+                    row.update(evaluate_split(core, ds, store, "val", cfg, device, val_ids, val_rows))
+                improved = not len(val_ids) or row["CIDEr"] > best["CIDEr"]
+                if improved:
+                    best = {k: row[k] for k in ("epoch", "val_loss", "BLEU-4", "CIDEr") if k in row}
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+                ck = checkpoint(epoch + 1, 0)
+                save_checkpoint(last, ck)
+                if improved:
+                    save_checkpoint(out / "best.pt", ck)
+                samples = row.pop("samples", [])
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    for key, v in row.items():
+                        if key != "epoch" and isinstance(v, float):
+                            writer.add_scalar(key, v, epoch + 1)
+                log.info("epoch %d: %s", epoch + 1, ", ".join(
+                    f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, float)))
+                for s in samples:
+                    log.info("  val sample: %s", s)
+                stop = len(val_ids) > 0 and bad_epochs >= cfg.patience
+                if stop:
+                    log.info("early stop: val CIDEr has not improved for %d epochs (best %.4f at epoch %d)",
+                             bad_epochs, best["CIDEr"], best["epoch"])
+            if world > 1:
+                flag_list = [stop]
+                torch.distributed.broadcast_object_list(flag_list, src=0)
+                stop = flag_list[0]
+            if stop:
+                break
+    if writer is not None:
+        writer.close()
+    cache.close()
+    return {"best": best, "epochs_run": epoch + 1, "out": str(out)}
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard SummaryWriter in ``out/tb`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
