@@ -22,6 +22,7 @@ log = logging.getLogger("captions")
 TORCHVISION_BACKBONES = ("regnet_x_400mf", "regnet_x_800mf", "resnet18", "resnet34", "resnet50", "resnet101",
                          "resnet152")
 DEFAULT_BACKBONE = "regnet_x_400mf"
+RANDOM_INIT_SEED = 0  # --weights none is reproducible: `captions caption` rebuilds the same random backbone
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -134,7 +135,9 @@ def _build_torchvision(name: str, weights: str, image_size: int) -> Backbone:
     from torchvision.models import get_model, get_model_weights
 
     wenum = get_model_weights(name).DEFAULT
-    model = get_model(name, weights=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = get_model(name, weights=None)
     if weights == "default":
         try:
             model.load_state_dict(wenum.get_state_dict(progress=True, check_hash=True))
@@ -157,7 +160,9 @@ def _build_timm(name: str, weights: str, image_size: int) -> Backbone:
 
     arch = name.split("/", 1)[1]
     try:
-        model = timm.create_model(arch, pretrained=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(arch, pretrained=False)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise CaptionsError(f"unknown timm model '{arch}' ({e}); valid backbones: {valid_backbone_names()}") from None
     if weights == "default":
@@ -182,7 +187,8 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default", image
     """Build backbone ``name`` in eval mode.
 
     ``weights``: ``default`` (the library's pretrained weights, downloaded as usual), ``none``
-    (random initialisation; a warning is logged) or a path to a state_dict loaded strictly.
+    (random initialisation, a warning is logged; always the same weights: seeded with
+    ``RANDOM_INIT_SEED`` without touching the caller's RNG) or a path to a state_dict loaded strictly.
     """
     if name in TORCHVISION_BACKBONES:
         bb = _build_torchvision(name, weights, image_size)

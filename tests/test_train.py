@@ -1,0 +1,192 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captions.errors import CaptionsError
+from captions.features.extract import ExtractOptions, extract_features
+from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
+from captions.pipeline.prepared import load_prepared
+from captions.pipeline.vocab import NULL_ID
+from captions.trainer.checkpoint import load_checkpoint
+from captions.trainer.data import FeatureStore, epoch_batches
+from captions.trainer.models import (
+    DecoderConfig,
+    build_decoder,
+    caption_loss,
+    doubly_stochastic_penalty,
+)
+from captions.trainer.train import TrainConfig, TrainingInterrupted, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(epochs=2, batch_size=16, embed_dim=16, hidden_dim=32, attention_dim=16, lr=3e-3, dropout=0.1,
+            checkpoint_every=0, eval_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """40/8/8 synthetic images prepared at 64 px with resnet18 (random) features: 2x2 positions."""
+    root = tmp_path_factory.mktemp("train")
+    prepare_synthetic(root / "prep", 40, 8, 8, workers=1, progress=False,
+                      options=PrepareOptions(min_count=1, image_size=64))
+    cache = extract_features(root / "prep", root / "f.h5",
+                             ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
+                             progress=False)
+    return root / "prep", cache
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model,extra", [("rnn", {}), ("lstm", {}), ("lstm", {"feature_as_input": True}),
+                                         ("attn", {}), ("attn", {"attention": "additive"})])
+def test_every_decoder_learns_and_writes_its_run(tmp_path, synth, model, extra):
+    data, cache = synth
+    result = train(data, cache, tmp_path / "run", TrainConfig(model=model, **{**TINY, "epochs": 3}, **extra),
+                   progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert {"BLEU-4", "CIDEr", "captions_per_s"} <= set(rows[0])
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["model"] == model and best["epoch"] == result["best"]["epoch"]
+    assert best["vocab"]["hash"] == load_prepared(data).vocab.hash
+    assert best["features"]["backbone"] == "resnet18"
+
+
+def test_loss_ignores_null_and_has_both_reductions():
+    logits = torch.zeros(2, 3, 5)
+    targets = torch.tensor([[4, 2, NULL_ID], [4, NULL_ID, NULL_ID]])
+    per_token = np.log(5)
+    assert caption_loss(logits, targets, "sum").item() == pytest.approx(3 * per_token / 2)
+    assert caption_loss(logits, targets, "mean").item() == pytest.approx(per_token)
+
+
+def test_dot_attention_weights_are_a_distribution_and_penalty_vanishes_when_covered():
+    torch.manual_seed(0)
+    model = build_decoder("attn", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8))
+    logits, alphas = model(torch.randn(3, 5, 6), torch.randint(1, 9, (3, 4)))
+    assert logits.shape == (3, 4, 9) and alphas.shape == (3, 4, 5)
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 4))
+    uniform = torch.full((1, 5, 5), 0.2)  # 5 steps x 5 positions: each position gets total weight 1
+    assert doubly_stochastic_penalty(uniform, torch.ones(1, 5, dtype=torch.long)).item() == pytest.approx(0.0)
+
+
+def test_teacher_forcing_matches_step_by_step():
+    torch.manual_seed(0)
+    for name, feats in (("lstm", torch.randn(2, 6)), ("attn", torch.randn(2, 4, 6))):
+        model = build_decoder(name, DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)).eval()
+        tokens = torch.randint(1, 9, (2, 5))
+        full, _ = model(feats, tokens)
+        state = model.init_state(feats)
+        for t in range(5):
+            step_logits, state, _ = model.step(tokens[:, t], state)
+            torch.testing.assert_close(step_logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_features_are_stored_once_per_image(synth):
+    data, cache_path = synth
+    from captions.features.cache import FeatureCache
+
+    ds = load_prepared(data)
+    with FeatureCache(cache_path) as cache:
+        store = FeatureStore(cache, spatial=True, ram_budget=2**30, device=torch.device("cpu"))
+        assert store.in_ram and store.array.shape[0] == len(ds.images) < len(ds.captions)
+        streamed = FeatureStore(cache, spatial=True, ram_budget=1, device=torch.device("cpu"))
+        assert not streamed.in_ram
+        rows = ds.split_caption_rows("train")
+        for batch in epoch_batches(rows, ds.image_ids, 8, 0, 0, streamed.block_images)[:5]:
+            ids = ds.image_ids[batch]
+            torch.testing.assert_close(streamed.gather(ids), store.gather(ids))
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    rows = np.arange(100)
+    img = rows // 5
+    a = epoch_batches(rows, img, 7, seed=1, epoch=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, epoch_batches(rows, img, 7, seed=1, epoch=3), strict=True))
+    assert not np.array_equal(a[0], epoch_batches(rows, img, 7, seed=1, epoch=4)[0])
+    assert sorted(np.concatenate(a).tolist()) == rows.tolist()
+    blocks = epoch_batches(rows, img, 7, seed=1, epoch=3, block_images=4)
+    assert all(len(set((img[b] // 4).tolist())) == 1 for b in blocks)  # a batch never spans two blocks
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth):
+    data, cache = synth
+    cfg = TrainConfig(model="attn", **TINY)
+    train(data, cache, tmp_path / "full", cfg, progress=False)
+
+    def ctrl_c(step):
+        if step == 4:  # mid-epoch 1 (3 batches per epoch would be too few: 200 captions / 16 = 13)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="continue with --resume"):
+        train(data, cache, tmp_path / "cut", cfg, progress=False, step_callback=ctrl_c)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step_in_epoch"] == 4
+    with pytest.raises(CaptionsError, match="pass --resume"):
+        train(data, cache, tmp_path / "cut", cfg, progress=False)
+    train(data, cache, tmp_path / "cut", cfg, resume=True, progress=False)
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["val_loss"] for r in cut] == pytest.approx([r["val_loss"] for r in full], rel=1e-6)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_killed_run_resumes_from_periodic_checkpoint(tmp_path, synth):
+    data, cache = synth
+    cfg = TrainConfig(model="lstm", **{**TINY, "checkpoint_every": 5})
+    train(data, cache, tmp_path / "full", cfg, progress=False)
+
+    def die(step):
+        if step == 7:
+            raise SystemExit("killed")  # stands for SIGKILL: no chance to save; last.pt is from step 5
+
+    with pytest.raises(SystemExit):
+        train(data, cache, tmp_path / "cut", cfg, progress=False, step_callback=die)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step_in_epoch"] == 5
+    train(data, cache, tmp_path / "cut", cfg, resume=True, progress=False)
+    assert read_metrics(tmp_path / "cut")[-1]["val_loss"] == pytest.approx(
+        read_metrics(tmp_path / "full")[-1]["val_loss"], rel=1e-6)
+
+
+def test_refuses_cache_of_another_dataset(tmp_path, synth):
+    data, cache = synth
+    other = tmp_path / "other"
+    prepare_synthetic(other, 12, 4, 4, seed=9, workers=1, progress=False,
+                      options=PrepareOptions(min_count=1, image_size=64))
+    with pytest.raises(CaptionsError, match="different prepared dataset"):
+        train(other, cache, tmp_path / "run", TrainConfig(model="rnn", **TINY), progress=False)
+
+
+def test_resume_refuses_checkpoint_with_other_vocabulary(tmp_path, synth):
+    data, cache = synth
+    run = tmp_path / "run"
+    train(data, cache, run, TrainConfig(model="rnn", **{**TINY, "epochs": 1}), progress=False)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["vocab"]["hash"] = "f" * 64
+    torch.save(ckpt, run / "last.pt")
+    with pytest.raises(CaptionsError, match="checkpoint vocabulary .* differs"):
+        train(data, cache, run, TrainConfig(model="rnn", **TINY), resume=True, progress=False)
+
+
+def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth):
+    data, cache = synth
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "captions",
+           "train", "lstm", "--data", str(data), "--features", str(cache), "--out", str(run), "--epochs", "2",
+           "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32", "--quiet"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [x["epoch"] for x in rows] == [1, 2]  # only rank 0 writes
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] * 1.5
+    assert load_checkpoint(run / "best.pt")["model"] == "lstm"
+    assert r.stdout.count("trained lstm") == 1
