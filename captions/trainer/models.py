@@ -129,8 +129,10 @@ class AttentionDecoder(CaptionDecoder):
     regulariser is computed by the trainer from the returned attention weights.
     h0 and c0 are affine projections of the mean feature in both.
 
-    Per batch, everything that does not depend on h is computed once: A, W_x x_t for all t, and
-    (dot) A W_attn^T, so a step is three small matrix products and the LSTM non-linearities.
+    Per batch, everything that does not depend on h is computed once (A, W_x x_t for all t, and
+    W_f A for additive); per step, W_h h and W_attn x_attn are one matrix product on [h, x_attn].
+    (Folding W_attn into A, i.e. precomputing A W_attn^T, would cost P x 4H per image: more than
+    it saves whenever there are more positions than words.)
     """
 
     uses_spatial = True
@@ -142,8 +144,7 @@ class AttentionDecoder(CaptionDecoder):
         self.init_h = nn.Linear(cfg.feature_dim, H)
         self.init_c = nn.Linear(cfg.feature_dim, H)
         self.W_x = nn.Linear(cfg.embed_dim, 4 * H)  # carries the bias b
-        self.W_h = nn.Linear(H, 4 * H, bias=False)
-        self.W_attn = nn.Linear(H, 4 * H, bias=False)
+        self.W_hattn = nn.Linear(2 * H, 4 * H, bias=False)  # [W_h W_attn] applied to [h, x_attn]
         if cfg.attention == "additive":
             self.att_f = nn.Linear(H, cfg.attention_dim)
             self.att_h = nn.Linear(H, cfg.attention_dim, bias=False)
@@ -158,28 +159,25 @@ class AttentionDecoder(CaptionDecoder):
         mean = feats.mean(dim=1)
         A = self.proj(feats)
         state = {"h": self.init_h(mean), "c": self.init_c(mean), "A": A}
-        if self.cfg.attention == "dot":
-            state["A_gates"] = self.W_attn(A)  # (N, P, 4H): W_attn (weights A) == weights (A W_attn^T)
-        else:
+        if self.cfg.attention == "additive":
             state["A_att"] = self.att_f(A)  # (N, P, att)
         return state
 
     def _attend(self, h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (context contribution to the gates (N, 4H), attention weights (N, P))."""
+        """-> (context x_attn (N, H), attention weights (N, P))."""
         A = state["A"]
         if self.cfg.attention == "dot":
             scores = torch.bmm(A, h.unsqueeze(2)).squeeze(2) * self.scale
             alpha = torch.softmax(scores, dim=1)
-            return torch.bmm(alpha.unsqueeze(1), state["A_gates"]).squeeze(1), alpha
+            return torch.bmm(alpha.unsqueeze(1), A).squeeze(1), alpha
         scores = self.att_v(torch.tanh(state["A_att"] + self.att_h(h).unsqueeze(1))).squeeze(2)
         alpha = torch.softmax(scores, dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), A).squeeze(1) * torch.sigmoid(self.gate(h))
-        return self.W_attn(context), alpha
+        return torch.bmm(alpha.unsqueeze(1), A).squeeze(1) * torch.sigmoid(self.gate(h)), alpha
 
     def _cell(self, x_gates: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, c = state["h"], state["c"]
-        attn_gates, alpha = self._attend(h, state)
-        gates = x_gates + self.W_h(h) + attn_gates
+        context, alpha = self._attend(h, state)
+        gates = x_gates + self.W_hattn(torch.cat([h, context], dim=1))
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -190,8 +188,9 @@ class AttentionDecoder(CaptionDecoder):
         state = self.init_state(feats)
         x_gates = self.W_x(self.embed(tokens))  # (N, T, 4H) in one matmul
         hs, alphas = [], []
-        for t in range(tokens.shape[1]):
-            h, c, alpha = self._cell(x_gates[:, t], state)
+        # unbind, not x_gates[:, t]: indexing would make backward write a full (N, T, 4H) zero tensor per step
+        for x_t in x_gates.unbind(1):
+            h, c, alpha = self._cell(x_t, state)
             state["h"], state["c"] = h, c
             hs.append(h)
             alphas.append(alpha)

@@ -203,6 +203,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    torch.set_flush_denormal(True)  # tiny sigmoid/tanh gradients otherwise hit the slow denormal path on CPU
 
     valid = cache.valid
     train_rows = ds.split_caption_rows("train")
@@ -260,7 +261,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
                 "bad_epochs": bad_epochs}
 
-    epoch = start_epoch
+    epoch, epochs_run = start_epoch, start_epoch
     model.train()
     with _StopFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
@@ -302,6 +303,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                         raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, step {k + 1}; saved {last}; "
                                                   f"continue with --resume")
             bar.close()
+            epochs_run = epoch + 1
             elapsed = time.perf_counter() - t0
             stop = False
             if rank == 0:
@@ -343,7 +345,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     if writer is not None:
         writer.close()
     cache.close()
-    return {"best": best, "epochs_run": epoch + 1, "out": str(out)}
+    return {"best": best, "epochs_run": epochs_run, "out": str(out)}
 
 
 def tensorboard_writer(out: Path):
