@@ -107,6 +107,19 @@ def weights_failed(name: str, err: Exception) -> CaptionsError:
     )
 
 
+def apply_weights(model: nn.Module, name: str, weights: str, pretrained) -> str:
+    """Load ``weights`` (``default`` via the ``pretrained()`` callback, ``none``, or a state_dict
+    path) into ``model``; returns the identity recorded in caches and checkpoints."""
+    if weights == "none":
+        return "random"
+    if weights != "default":
+        return load_state_dict_strict(model, Path(weights), name)
+    try:
+        return pretrained()
+    except Exception as e:  # URLError, HTTPError, hash mismatch, hub errors, ...
+        raise weights_failed(name, e) from None
+
+
 class _TorchvisionTrunk(nn.Module):
     """Everything before global pooling of a torchvision ResNet / RegNet."""
 
@@ -138,16 +151,11 @@ def _build_torchvision(name: str, weights: str, image_size: int) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = get_model(name, weights=None)
-    if weights == "default":
-        try:
-            model.load_state_dict(wenum.get_state_dict(progress=True, check_hash=True))
-        except Exception as e:  # URLError, HTTPError, hash mismatch, ...
-            raise weights_failed(name, e) from None
-        identity = f"torchvision:{wenum}"
-    elif weights == "none":
-        identity = "random"
-    else:
-        identity = load_state_dict_strict(model, Path(weights), name)
+    def pretrained() -> str:
+        model.load_state_dict(wenum.get_state_dict(progress=True, check_hash=True))
+        return f"torchvision:{wenum}"
+
+    identity = apply_weights(model, name, weights, pretrained)
     t = wenum.transforms()
     prep = scaled_preprocessing(t.resize_size[0], t.crop_size[0], image_size, t.mean, t.std,
                                 t.interpolation.value)
@@ -165,16 +173,11 @@ def _build_timm(name: str, weights: str, image_size: int) -> Backbone:
             model = timm.create_model(arch, pretrained=False)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise CaptionsError(f"unknown timm model '{arch}' ({e}); valid backbones: {valid_backbone_names()}") from None
-    if weights == "default":
-        try:
-            model = timm.create_model(arch, pretrained=True)
-        except Exception as e:
-            raise weights_failed(name, e) from None
-        identity = f"timm:{model.pretrained_cfg.get('hf_hub_id') or arch}"
-    elif weights == "none":
-        identity = "random"
-    else:
-        identity = load_state_dict_strict(model, Path(weights), name)
+    def pretrained() -> str:
+        model.load_state_dict(timm.create_model(arch, pretrained=True).state_dict())
+        return f"timm:{model.pretrained_cfg.get('hf_hub_id') or arch}"
+
+    identity = apply_weights(model, name, weights, pretrained)
     cfg = model.pretrained_cfg
     crop = cfg["input_size"][-1]
     resize = round(crop / cfg.get("crop_pct", 0.875))

@@ -1,0 +1,81 @@
+"""Nearest-neighbour caption retrieval (Devlin et al. 2015): a classic strong baseline on the same cache.
+
+For each query image, take the training captions of its k most similar training images (cosine
+similarity of pooled features) and return the consensus caption: the candidate with the highest
+mean similarity to the other candidates, similarity being the cosine of CIDEr-style TF-IDF
+vectors of 1- to 4-grams (document frequencies from the training references).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from captions.features.cache import FeatureCache
+from captions.pipeline.prepared import PreparedDataset
+
+NGRAMS = 4
+
+
+def ngram_counts(tokens: list[str]) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for n in range(1, NGRAMS + 1) for i in range(len(tokens) - n + 1))
+
+
+def tfidf_vectors(captions: list[list[str]], doc_freq: Counter, n_docs: int) -> list[dict]:
+    """Unit-norm TF-IDF vectors (dict n-gram -> weight) of tokenized captions."""
+    out = []
+    for toks in captions:
+        counts = ngram_counts(toks)
+        vec = {g: c * math.log(max(1.0, n_docs) / max(1.0, doc_freq.get(g, 0.0))) for g, c in counts.items()}
+        norm = math.sqrt(sum(v * v for v in vec.values())) or 1.0
+        out.append({g: v / norm for g, v in vec.items()})
+    return out
+
+
+def consensus(vectors: list[dict]) -> int:
+    """Index of the vector with the highest mean cosine similarity to the others."""
+    n = len(vectors)
+    sims = np.zeros((n, n))
+    for i in range(n):
+        vi = vectors[i]
+        for j in range(i + 1, n):
+            vj = vectors[j]
+            small, big = (vi, vj) if len(vi) < len(vj) else (vj, vi)
+            sims[i, j] = sims[j, i] = sum(w * big.get(g, 0.0) for g, w in small.items())
+    return int(sims.sum(1).argmax())
+
+
+def nn_captions(ds: PreparedDataset, cache: FeatureCache, split: str = "val", k: int = 10,
+                batch: int = 512) -> dict[int, str]:
+    """image id -> retrieved consensus caption (space-joined tokens) for every image of ``split``."""
+    cache.check_dataset(ds.dataset_hash)
+    valid = cache.valid
+    train_ids = np.array([i for i in ds.split_image_ids("train") if valid[i]], dtype=np.int64)
+    query_ids = np.array([i for i in ds.split_image_ids(split) if valid[i]], dtype=np.int64)
+    pooled = torch.from_numpy(cache.pooled[:].astype(np.float32))
+    pooled = torch.nn.functional.normalize(pooled, dim=1)
+    train_feats = pooled[torch.from_numpy(train_ids)]
+    train_caps = [ds.images[i]["tokens"] for i in train_ids]
+    doc_freq: Counter = Counter()
+    for caps in train_caps:  # one document per image, as CIDEr does
+        doc_freq.update({g for toks in caps for g in ngram_counts(toks)})
+    vec_cache: dict[int, list[dict]] = {}
+    out: dict[int, str] = {}
+    for s in range(0, len(query_ids), batch):
+        q = query_ids[s : s + batch]
+        sims = pooled[torch.from_numpy(q)] @ train_feats.T
+        if split == "train":  # never retrieve the query itself
+            sims[torch.arange(len(q)), torch.searchsorted(torch.from_numpy(train_ids), torch.from_numpy(q))] = -2
+        top = sims.topk(min(k, len(train_ids)), dim=1).indices.numpy()
+        for qid, neighbours in zip(q.tolist(), top, strict=True):
+            cands, vecs = [], []
+            for t in neighbours.tolist():
+                if t not in vec_cache:
+                    vec_cache[t] = tfidf_vectors(train_caps[t], doc_freq, len(train_caps))
+                cands += train_caps[t]
+                vecs += vec_cache[t]
+            out[qid] = " ".join(cands[consensus(vecs)])
+    return out
