@@ -36,6 +36,7 @@ def main(verbose: bool) -> None:
       extract-features  run a CNN once and cache its features in HDF5
       train             fit an rnn / lstm / attn decoder from the cache
       evaluate, caption score a checkpoint, caption new images
+      demo              all of the above, offline, on the embedded synthetic set
     Run 'captions COMMAND --help' for the options of each.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
@@ -249,3 +250,164 @@ def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
         click.echo(f"trained {model}: best epoch {b.get('epoch')}"
                    + (f", val CIDEr {b['CIDEr']:.3f}, BLEU-4 {b['BLEU-4']:.3f}" if "CIDEr" in b else "")
                    + f"; checkpoints in {out}")
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Prepared-dataset directory the checkpoint was trained on.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Its feature cache (same backbone, weights and image size as at training).")
+@click.option("--split", default="test", show_default=True, help="Split to caption and score.")
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1), help="1: greedy decoding.")
+@click.option("--length-penalty", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Rank finished captions by log-prob / length**P (0: plain log-prob).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for predictions.json and metrics.json [default: next to CHECKPOINT, "
+                   "eval-<name>-<split>-beam<K>].")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images decoded at once.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalty, out, batch_size, device, as_json,
+                 quiet) -> None:
+    """Caption a split from the feature cache and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+
+    All reference captions of each image are used. METEOR needs Java; without it this says so once
+    and reports the rest. Writes the predictions in COCO results format and the metrics as JSON.
+    """
+    import json
+
+    from captions.evaluate import evaluate_checkpoint, metrics_table
+
+    record = evaluate_checkpoint(checkpoint, data_dir, features, split=split, beam_size=beam_size,
+                                 length_penalty=length_penalty, device=device, batch_size=batch_size, out=out,
+                                 progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"{record['split']}: {record['images']} images, beam size {record['beam_size']}")
+    click.echo(metrics_table(record["metrics"]))
+    click.echo(f"predictions: {record['predictions']}")
+    click.echo(f"metrics: {Path(record['predictions']).parent / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------------------------------------- caption
+@main.command("caption")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint from 'captions train' (best.pt).")
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1), help="1: greedy decoding.")
+@click.option("--length-penalty", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Rank finished captions by log-prob / length**P (0: plain log-prob).")
+@click.option("--attention-map", "attention_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="attn models: write DIR/<image name>.png, the photo with a heat map per generated word.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The backbone's state_dict file, when the checkpoint's features came from one (sha256 checked).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (image, caption, words, score, "
+                                                      "attention_map or error) on stdout.")
+@click.pass_context
+def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_dir, weights, batch_size, device,
+                as_json) -> None:
+    """Caption IMAGE... (JPEG, PNG, ...; any size or mode; EXIF-rotated) with a trained checkpoint.
+
+    Re-runs the backbone the checkpoint's features came from (same weights, image size and
+    preprocessing), then the decoder. A file that cannot be read gets a one-line error on stderr,
+    the other images are still captioned, and the exit status is 1.
+    """
+    import json
+
+    from captions.attention_maps import save_attention_grid
+    from captions.captioner import Captioner
+
+    if attention_dir is not None:  # refuse before building the CNN
+        from captions.trainer.checkpoint import load_checkpoint
+        from captions.trainer.models import DECODERS
+
+        model = load_checkpoint(checkpoint).get("model")
+        if not getattr(DECODERS.get(model), "uses_spatial", False):
+            raise CaptionsError(f"--attention-map needs an attention model; this checkpoint is '{model}'")
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
+    results = captioner.caption(list(images), beam_size=beam_size, length_penalty=length_penalty,
+                                batch_size=batch_size)
+    used: set[str] = set()
+    rows, failed = [], 0
+    for path, res in zip(images, results, strict=True):
+        if res.error is not None:
+            failed += 1
+            click.echo(f"Error: {res.error}", err=True)
+            rows.append({"image": str(path), "error": res.error})
+            continue
+        png = None
+        if attention_dir is not None and res.attention is not None and res.crop is not None:
+            stem, k = path.stem, 1
+            while stem in used:
+                k += 1
+                stem = f"{path.stem}-{k}"
+            used.add(stem)
+            png = str(save_attention_grid(attention_dir / f"{stem}.png", res.crop, res.words, res.attention,
+                                          res.caption))
+        rows.append({"image": str(path), "caption": res.caption, "words": res.words, "score": res.score,
+                     "attention_map": png})
+        if not as_json:
+            click.echo(f"{path}: {res.caption}" + (f"\n  attention map: {png}" if png else ""))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    if failed:
+        ctx.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def _demo_default(name: str):
+    """A ``DemoOptions`` default, so that ``--help`` shows it (captions.demo imports no torch)."""
+    from captions.demo import DemoOptions
+
+    value = getattr(DemoOptions(), name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+@main.command("demo")
+@click.option("--out", default=Path("demo-output"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The demo's folder (created; a previous demo run there is replaced).")
+@click.option("--backbone", default=_demo_default("backbone"), show_default=True,
+              help="CNN: any 'extract-features' backbone.")
+@click.option("--weights", default=_demo_default("weights"), show_default=True,
+              help="auto: the library's pretrained weights when they can be had, else random initialisation; "
+                   "default, none, or a state_dict PATH.")
+@click.option("--image-size", default=_demo_default("image_size"), show_default=True, type=click.IntRange(32),
+              help="Crop fed to the CNN.")
+@click.option("--num-images", default=_demo_default("num_images"), show_default=True,
+              help="train,val,test image counts.")
+@click.option("--epochs", default=_demo_default("epochs"), show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=_demo_default("batch_size"), show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=_demo_default("lr"), show_default=True, type=float,
+              help="Adam learning rate (peak, cosine schedule).")
+@click.option("--hidden-dim", default=_demo_default("hidden_dim"), show_default=True, type=click.IntRange(1))
+@click.option("--embed-dim", default=_demo_default("embed_dim"), show_default=True, type=click.IntRange(1))
+@click.option("--dropout", default=_demo_default("dropout"), show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--beam-size", default=_demo_default("beam_size"), show_default=True, type=click.IntRange(1))
+@click.option("--samples", default=_demo_default("samples"), show_default=True, type=click.IntRange(0),
+              help="Test images captioned with attention maps.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data and training seed.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(out, num_images, quiet, **kwargs) -> None:
+    """Run the whole pipeline offline, from scratch, on the synthetic shapes set.
+
+    Generates and prepares the set, extracts features, trains an attention decoder, evaluates it on
+    the test split, captions a few test images with attention maps, and prints a short report
+    (also in OUT/report.txt). About 2 minutes on 2 CPU cores.
+    """
+    from captions.demo import DemoOptions, format_report, run_demo
+
+    try:
+        counts = tuple(int(x) for x in num_images.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 1:
+        raise CaptionsError(f"--num-images must be three positive integers train,val,test, got '{num_images}'")
+    report = run_demo(out, DemoOptions(num_images=counts, **kwargs), progress=not quiet)
+    click.echo(format_report(report))

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Sets everything up (idempotent) and runs the main job on the embedded synthetic dataset.
+# Sets everything up (idempotent) and runs `captions demo` on the embedded synthetic dataset:
+# generate + prepare, extract features, train an attention decoder, evaluate on the test split,
+# caption a few test images with attention maps, print a report. Offline; a few minutes on 2 CPU cores.
+# Usage: scripts/demo.sh [OUT_DIR] [more `captions demo` options]   (OUT_DIR defaults to demo-output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out=${1:-demo-output}
-exec .venv/bin/captions prepare synthetic --out "$out/prepared"
+shift || true
+exec .venv/bin/captions demo --out "$out" "$@"

@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,10 +19,9 @@ import torch
 from captions.errors import CaptionsError
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone
 from captions.features.cache import FORMAT_NAME, FORMAT_VERSION, read_attrs
-from captions.features.preprocess import normalize_batch, preprocess_image
+from captions.features.preprocess import crop_tensor, decode_rgb, normalize_batch
 from captions.fsutil import sha256_file
 from captions.pipeline.prepared import MANIFEST, load_prepared
-from captions.pipeline.resize import load_rgb
 
 log = logging.getLogger("captions")
 
@@ -31,30 +29,43 @@ log = logging.getLogger("captions")
 IDENTITY_KEYS = ("backbone", "weights", "image_size", "dtype", "precision", "dataset_hash", "chunk_rows")
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decode + preprocess images in DataLoader workers. Item -> (row, uint8 (3,S,S) or None, reason)."""
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    def __init__(self, paths: list[Path], rows: np.ndarray, prep) -> None:
-        self.paths, self.rows, self.prep = paths, rows, prep
+
+def load_crops(paths: list[Path], rows, prep) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
+    """Decode and crop images ``rows`` into one channels-last uint8 batch.
+
+    -> (rows of good images (int64), uint8 (n, 3, S, S) channels_last or None, [(row, reason)] failures).
+    """
+    crops, good, failed = [], [], []
+    for r in rows:
+        r = int(r)
+        try:
+            crops.append(crop_tensor(decode_rgb(paths[r]), prep))
+            good.append(r)
+        except Exception as e:  # any decode failure skips this one image
+            failed.append((r, _failure(e)))
+    x = None
+    if crops:
+        x = torch.empty((len(crops), 3, prep.crop, prep.crop), dtype=torch.uint8,
+                        memory_format=torch.channels_last)
+        for i, c in enumerate(crops):
+            x[i].copy_(c)
+    return torch.tensor(good, dtype=torch.int64), x, failed
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Batches of decoded crops for DataLoader workers: item i -> ``load_crops`` of batch i."""
+
+    def __init__(self, paths: list[Path], batches: list[np.ndarray], prep) -> None:
+        self.paths, self.batches, self.prep = paths, batches, prep
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.batches)
 
     def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        try:
-            return row, preprocess_image(load_rgb(self.paths[row]), self.prep), None
-        except Exception as e:  # any decode failure skips this one image
-            return row, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def collate_images(batch):
-    """-> (rows of good images (int64), uint8 batch (n,3,S,S) or None, [(row, reason)] failures)."""
-    good = [(r, t) for r, t, _ in batch if t is not None]
-    failed = [(r, why) for r, t, why in batch if t is None]
-    rows = torch.tensor([r for r, _ in good], dtype=torch.int64)
-    x = torch.stack([t for _, t in good]) if good else None
-    return rows, x, failed
+        return load_crops(self.paths, self.batches[i], self.prep)
 
 
 @dataclass
@@ -91,16 +102,108 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def fuse_for_inference(module: torch.nn.Module) -> torch.nn.Module:
-    """Fold BatchNorm into the preceding convolutions where torch.fx can trace the model
-    (torchvision backbones: 1.25x faster on CPU); return the module unchanged otherwise."""
-    from torch.fx.experimental.optimization import fuse
+def _foldable_conv(m: torch.nn.Module) -> bool:
+    """Convolutions whose forward is conv(x, self.weight, self.bias) (timm's Conv2dSame pads first)."""
+    t = type(m)
+    return t is torch.nn.Conv2d or (t.__name__ == "Conv2dSame" and t.__module__.startswith("timm."))
 
+
+def _bn_remainder(m: torch.nn.Module) -> torch.nn.Module | None:
+    """What is left of a BatchNorm once folded away (None: not a BatchNorm this knows how to fold)."""
+    t = type(m)
+    if not isinstance(m, torch.nn.BatchNorm2d) or m.training or m.running_mean is None:
+        return None
+    if t is torch.nn.BatchNorm2d:
+        return torch.nn.Identity()
+    if (t.__name__ == "BatchNormAct2d" and t.__module__.startswith("timm.")
+            and set(dict(m.named_children())) == {"drop", "act"}):  # timm: batch_norm, then drop, then act
+        return torch.nn.Sequential(m.drop, m.act)
+    return None
+
+
+class _FoldTracer(torch.fx.Tracer):
+    """Traces down to convolutions and BatchNorms, treating timm's untraceable layers as leaves."""
+
+    def __init__(self, leaves: tuple[type, ...], functions: tuple) -> None:
+        super().__init__(autowrap_functions=functions)
+        self.leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, *leaves)
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def _conv_bn_pairs(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) qualified names where the BatchNorm is the only consumer of the conv's output.
+
+    From the torch.fx graph where the model traces (timm's layers that do not trace are leaves);
+    otherwise only adjacent pairs inside ``nn.Sequential`` containers, whose data flow is certain.
+    """
+    leaves, functions = (), ()
+    if any(type(m).__module__.startswith("timm.") for m in module.modules()):
+        from timm.layers import _fx
+
+        leaves, functions = tuple(_fx.get_notrace_modules()), tuple(_fx.get_notrace_functions())
     try:
-        return fuse(module)
-    except Exception as e:  # timm models with data-dependent control flow do not trace
-        log.debug("BatchNorm folding skipped (%s)", type(e).__name__)
-        return module
+        graph = _FoldTracer(leaves, functions).trace(module)
+    except Exception as e:  # data-dependent control flow
+        log.debug("BatchNorm folding: model does not trace (%s); folding inside nn.Sequential only",
+                  type(e).__name__)
+        pairs = []
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Sequential):
+                kids = list(m.named_children())
+                pairs += [(f"{name}.{a}".lstrip("."), f"{name}.{b}".lstrip("."))
+                          for (a, _), (b, _) in zip(kids, kids[1:], strict=False)]
+        uses: dict[str, int] = {}
+        for _, m in module.named_modules(remove_duplicate=False):
+            uses[id(m)] = uses.get(id(m), 0) + 1
+        return [(c, b) for c, b in pairs if uses[id(module.get_submodule(c))] == 1
+                and uses[id(module.get_submodule(b))] == 1]
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "call_module"
+                and len(node.args[0].users) == 1 and calls[node.target] == 1 and calls[node.args[0].target] == 1):
+            pairs.append((node.args[0].target, node.target))
+    return pairs
+
+
+def fuse_for_inference(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """Fold eval-mode BatchNorms into the convolutions that feed them (exact up to float rounding).
+
+    torchvision backbones 1.3-1.4x faster on CPU, timm EfficientNets too (their BatchNormAct2d
+    keeps its activation). The folding is in place on the module's own convolutions (or on a
+    deep copy unless ``inplace``): no new parameter memory, no torch.fx code generation, ~10 ms.
+    Models or layers it does not know are left as they are.
+    """
+    if not inplace:
+        import copy
+
+        module = copy.deepcopy(module)
+    folded = 0
+    with torch.no_grad():
+        for conv_name, bn_name in _conv_bn_pairs(module):
+            conv, bn = module.get_submodule(conv_name), module.get_submodule(bn_name)
+            rest = _bn_remainder(bn)
+            if rest is None or not _foldable_conv(conv) or conv.out_channels != bn.num_features:
+                continue
+            inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+            k = gamma * inv_std
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(inv_std)
+            new_bias = (bias - bn.running_mean) * k + beta
+            conv.weight.mul_(k.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
+            conv.bias = torch.nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+            parent, _, leaf = bn_name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, rest)
+            folded += 1
+    log.debug("folded %d BatchNorm layers into convolutions", folded)
+    return module
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +214,132 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise CaptionsError(f"unknown device '{device}' (auto, cpu or cuda)")
     return torch.device(device)
+
+
+class FeatureForward:
+    """The extraction forward: uint8 crops (N, 3, S, S) -> feature map (N, C, h, w).
+
+    BatchNorm folded (``fuse_for_inference``), channels_last, autocast to ``amp_dtype``. On CPU
+    with bf16/fp16 the parameters are stored in that dtype too (autocast would otherwise cast
+    every weight again at every call) and normalisation writes the input straight in it.
+    ``benchmarks/extract.py`` times its raw forward with this same object.
+    """
+
+    def __init__(self, bb: Backbone, device: torch.device, channels_last: bool, amp_dtype: torch.dtype | None,
+                 inplace: bool = False) -> None:
+        self.device, self.channels_last, self.amp_dtype = device, channels_last, amp_dtype
+        self.preprocessing = bb.preprocessing
+        module = fuse_for_inference(bb.module, inplace=inplace).to(device)
+        self.input_dtype = torch.float32
+        if device.type == "cpu" and amp_dtype is not None and CAST_MODEL:
+            module = module.to(amp_dtype)
+            self.input_dtype = amp_dtype
+        # channels_last measured faster on CPU too (benchmarks/README.md)
+        self.module = module.to(memory_format=torch.channels_last) if channels_last else module
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return normalize_batch(x, self.preprocessing, self.input_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input (from ``normalize``) -> feature map; call under ``torch.inference_mode``."""
+        if self.amp_dtype is None:
+            return self.module(x)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            return self.module(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(self.normalize(x))
+
+
+CAST_MODEL = True
+
+
+def spatial_shape_of(bb: Backbone, image_size: int) -> tuple[int, int]:
+    """Feature-map size for ``image_size`` crops.
+
+    torchvision ResNets/RegNets halve the size five times with odd kernels padded by k // 2
+    (ceil(S / 2) each time), so ceil(S / 32) without a forward; other models run a 1-image probe.
+    """
+    from captions.features.backbones import TORCHVISION_BACKBONES
+
+    if bb.name in TORCHVISION_BACKBONES and bb.stride == 32:
+        side = -(-image_size // 32)
+        return side, side
+    with torch.inference_mode():
+        probe = bb.module(torch.zeros(1, 3, image_size, image_size))
+    return int(probe.shape[2]), int(probe.shape[3])
+
+
+def plan_batches(pending: np.ndarray, batch_size: int, lanes: int = 1) -> list[np.ndarray]:
+    """Split rows into batches of ``batch_size``; with parallel lanes the last ``lanes`` batches share
+    the remainder evenly, so the lanes finish together instead of one running a batch alone."""
+    n = len(pending)
+    full = max(-(-n // batch_size) - lanes, 0) if lanes > 1 else n // batch_size
+    cuts = [i * batch_size for i in range(full + 1)]
+    rest = n - cuts[-1]
+    pieces = min(lanes, rest) if lanes > 1 else (1 if rest else 0)
+    cuts += [cuts[-1] + rest * (i + 1) // pieces for i in range(pieces)]
+    return [pending[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def plan_lanes(workers: int | None, device: torch.device) -> tuple[int, int]:
+    """(lanes, intra-op threads per lane) for in-process decoding (``workers`` None or 0).
+
+    On CPU by default one lane per torch thread (at most 8, sharing the threads out), each
+    decoding a batch and running the CNN on it with its own thread(s): the lanes overlap decoding
+    with the forward without idle or preempted OpenMP workers, and small convolutions scale
+    better across batches than within one (benchmarks/README.md). ``workers=0`` (and CUDA):
+    one lane, this thread, torch's threads as set.
+    """
+    threads = torch.get_num_threads()
+    if workers == 0 or device.type != "cpu" or threads < 2:
+        return 1, threads
+    lanes = min(threads, 8)
+    return lanes, threads // lanes
+
+
+def run_lanes(batches: list[np.ndarray], lanes: int, lane_threads: int, work) -> None:
+    """Run ``work(batch)`` over ``batches`` in ``lanes`` threads (this one included), each taking the
+    next batch when it is free, with ``lane_threads`` intra-op threads each. The first error stops
+    the others after their current batch and is raised here."""
+    it = iter(batches)
+    take = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def lane() -> None:
+        try:
+            while not stop.is_set():
+                with take:
+                    rows = next(it, None)
+                if rows is None:
+                    return
+                work(rows)
+        except BaseException as e:  # raised in the calling thread below
+            errors.append(e)
+            stop.set()
+
+    if lanes == 1:
+        for rows in batches:
+            work(rows)
+        return
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(lane_threads)  # new threads take this; OpenMP keeps it per thread
+    others = [threading.Thread(target=torch.inference_mode()(lane), daemon=True, name=f"captions-lane-{i}")
+              for i in range(1, lanes)]
+    try:
+        for t in others:
+            t.start()
+        lane()
+    finally:
+        stop.set()  # harmless when all is done: the batches are used up
+        for t in others:
+            t.join()
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
 
 
 def dist_info() -> tuple[int, int]:
@@ -287,9 +516,7 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
     rank, world = dist_info()
     bb = build_backbone(opts.backbone, opts.weights, opts.image_size)
 
-    with torch.inference_mode():
-        probe = bb.module(torch.zeros(1, 3, opts.image_size, opts.image_size))
-    spatial_shape = (int(probe.shape[2]), int(probe.shape[3]))
+    spatial_shape = spatial_shape_of(bb, opts.image_size)
     attrs = cache_attrs(bb, opts, ds.dataset_hash, sha256_file(Path(dataset_dir) / MANIFEST), spatial_shape)
 
     if out.exists():
@@ -322,46 +549,50 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
                               for c in my_chunks]) if my_chunks else np.zeros(0, dtype=np.int64)
     per_chunk = {c: min((c + 1) * opts.chunk_rows, n) - c * opts.chunk_rows for c in my_chunks}
 
-    model = fuse_for_inference(bb.module).to(device)
-    # channels_last measured faster on CPU too (regnet_x_400mf 1.5x, efficientnet_lite0 1.4x; benchmarks/README.md)
     channels_last = opts.channels_last in ("on", "auto")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    workers = opts.workers if opts.workers is not None else min(4 if device.type == "cuda" else 1,
-                                                                os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, pending, bb.preprocessing), batch_size=opts.batch_size, shuffle=False,
-        num_workers=workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
-    amp_dtype = resolve_precision(opts.precision, device)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    fwd = FeatureForward(bb, device, channels_last, resolve_precision(opts.precision, device), inplace=True)
     torch_dtype = torch.float16 if opts.dtype == "float16" else torch.float32
+    workers = opts.workers if opts.workers is not None or device.type != "cuda" else min(4, os.cpu_count() or 1)
+    lanes, lane_threads = plan_lanes(workers, device)
+    batches = plan_batches(pending, opts.batch_size, lanes)
     writer = _Writer(f, opts.chunk_rows, per_chunk)
     writer.start()
     t0, seen = time.perf_counter(), 0
     bar = tqdm(total=len(pending), desc=f"features {bb.name}", unit="img", disable=not progress or rank != 0)
+    lock = threading.Lock()
+
+    def run_batch(rows: torch.Tensor, x: torch.Tensor | None, failed: list[tuple[int, str]]) -> None:
+        nonlocal seen
+        for r, why in failed:
+            log.warning("skipped %s: unreadable image (%s)", paths[r], why)
+        spatial = pooled = None
+        if x is not None:
+            fmap = fwd(x)
+            # (N, C, h, w) -> (N, h*w, C): free for a channels_last map; casts happen in torch
+            # (vectorised) rather than numpy, whose float16 conversion is slow.
+            pooled_t = fmap.float().mean(dim=(2, 3)).to(torch_dtype)
+            spatial_t = fmap.flatten(2).transpose(1, 2).to(torch_dtype).contiguous()
+            if not bool(torch.isfinite(spatial_t).all()):
+                raise CaptionsError(f"backbone produced non-finite {opts.dtype} features (overflow?); "
+                                    f"try --dtype float32")
+            pooled, spatial = pooled_t.cpu().numpy(), spatial_t.cpu().numpy()
+        writer.put((rows.numpy(), spatial, pooled, [(r, names[r], why) for r, why in failed]))
+        with lock:
+            seen += len(rows) + len(failed)
+            bar.update(len(rows) + len(failed))
+
     try:
         with torch.inference_mode():
-            for rows, x, failed in loader:
-                for r, why in failed:
-                    log.warning("skipped %s: unreadable image (%s)", paths[r], why)
-                spatial = pooled = None
-                if x is not None:
-                    x = normalize_batch(x.to(device, non_blocking=True), bb.preprocessing)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with amp:
-                        fmap = model(x)
-                    # (N, C, h, w) -> (N, h*w, C): free for a channels_last map; casts happen in torch
-                    # (vectorised) rather than numpy, whose float16 conversion is slow.
-                    pooled = fmap.float().mean(dim=(2, 3)).to(torch_dtype).cpu().numpy()
-                    spatial = fmap.flatten(2).transpose(1, 2).to(torch_dtype).contiguous().cpu().numpy()
-                    if not np.isfinite(spatial).all():
-                        raise CaptionsError(f"backbone produced non-finite {opts.dtype} features (overflow?); "
-                                            f"try --dtype float32")
-                writer.put((rows.numpy(), spatial, pooled, [(r, names[r], why) for r, why in failed]))
-                seen += len(rows) + len(failed)
-                bar.update(len(rows) + len(failed))
+            if workers:  # decode processes feed the forward in this thread
+                loader = torch.utils.data.DataLoader(
+                    ImageBatches(paths, batches, bb.preprocessing), batch_size=None, shuffle=False,
+                    num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2,
+                    persistent_workers=False)
+                for item in loader:
+                    run_batch(*item)
+            else:
+                run_lanes(batches, lanes, lane_threads,
+                           lambda rows: run_batch(*load_crops(paths, rows, bb.preprocessing)))
     finally:
         bar.close()
         writer.close()

@@ -1,0 +1,264 @@
+"""Captioning new images with a trained checkpoint: the recorded backbone, then the decoder.
+
+``Captioner.from_checkpoint(path)`` rebuilds the CNN the checkpoint's features came from (same
+backbone, weights, image size and preprocessing; refused when it cannot be the same) and the
+decoder; ``.caption(images)`` returns one ``CaptionResult`` per image (caption, words, score,
+per-word attention maps for attention models, or the reason the image could not be read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captions.decoding import decode
+from captions.errors import CaptionsError
+from captions.features.backbones import Backbone, Preprocessing, build_backbone
+from captions.features.extract import fuse_for_inference, resolve_device, resolve_precision
+from captions.features.preprocess import normalize_batch, preprocess_image
+from captions.fsutil import sha256_file
+from captions.pipeline.resize import load_rgb, to_rgb
+from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
+from captions.trainer.checkpoint import load_checkpoint
+from captions.trainer.models import CaptionDecoder, DecoderConfig, build_decoder
+
+log = logging.getLogger("captions")
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass
+class CaptionResult:
+    """The caption of one image.
+
+    ``words``: the generated words (without ``<END>``); ``caption``: them joined by spaces;
+    ``score``: summed log-probability of the words and ``<END>``; ``attention``: (len(words), h, w)
+    float32 attention weights over the backbone's feature grid (attention models only);
+    ``crop``: the RGB centre crop the backbone saw; ``error``: why the image could not be captioned
+    (then everything else is empty).
+    """
+
+    source: str
+    caption: str = ""
+    words: list[str] = field(default_factory=list)
+    score: float = float("nan")
+    attention: np.ndarray | None = None
+    crop: Image.Image | None = None
+    error: str | None = None
+
+
+@dataclass
+class LoadedDecoder:
+    """A checkpoint's decoder in eval mode with what decoding needs."""
+
+    model: CaptionDecoder
+    idx_to_token: list[str]
+    max_length: int  # words; decoding runs max_length + 1 steps (the last one for <END>)
+    checkpoint: dict[str, Any]
+
+
+def load_decoder(path: str | os.PathLike, device: torch.device) -> LoadedDecoder:
+    """Load a checkpoint (``weights_only``) and rebuild its decoder on ``device`` in eval mode."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = build_decoder(ckpt["model"], DecoderConfig(**ckpt["decoder_config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CaptionsError(f"checkpoint does not describe a usable decoder ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
+    model.to(device).eval()
+    return LoadedDecoder(model, list(ckpt["vocab"]["idx_to_token"]), int(ckpt["max_length"]), ckpt)
+
+
+def generated_words(tokens: Sequence[int], idx_to_token: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Generated words of one token row (stops at ``<END>``, drops ``<NULL>``/``<START>``) and the
+    decoding step of each word (its attention map's index). Same words as ``decode_captions``."""
+    words, steps = [], []
+    for t, tok in enumerate(tokens):
+        if tok == END_ID:
+            break
+        if tok in (NULL_ID, START_ID):
+            continue
+        words.append(idx_to_token[tok])
+        steps.append(t)
+    return words, steps
+
+
+def backbone_weights_arg(identity: str, weights: str | os.PathLike | None) -> str:
+    """Translate the checkpoint's recorded weight identity into ``build_backbone``'s argument.
+
+    ``random`` -> ``none`` (reproducible random initialisation); ``torchvision:...`` / ``timm:...``
+    -> ``default`` (the library's weights, downloaded or found in its cache); ``sha256:<hex>`` ->
+    the state_dict file the user passes as ``weights`` (its sha256 must match).
+    """
+    if identity == "random":
+        if weights is not None:
+            raise CaptionsError("the checkpoint's backbone was randomly initialised (--weights none at extraction); "
+                                "--weights does not apply")
+        return "none"
+    if identity.startswith(("torchvision:", "timm:")):
+        if weights is not None:
+            raise CaptionsError(f"the checkpoint's features came from the library weights {identity}; they are "
+                                f"loaded by name (put a downloaded copy in the torch/timm cache), not with --weights")
+        return "default"
+    if identity.startswith("sha256:"):
+        if weights is None:
+            raise CaptionsError(f"the checkpoint's features came from a weights file with {identity[:19]}...; pass "
+                                f"that state_dict file with --weights PATH")
+        path = Path(weights)
+        if not path.is_file():
+            raise CaptionsError("weights file not found", path)
+        actual = "sha256:" + sha256_file(path)
+        if actual != identity:
+            raise CaptionsError(f"is not the weights file the checkpoint's features were extracted with "
+                                f"(its {actual[:19]}... != recorded {identity[:19]}...)", path)
+        return str(path)
+    raise CaptionsError(f"unknown backbone weights identity '{identity}' in the checkpoint")
+
+
+class Captioner:
+    """Backbone + decoder of a checkpoint, ready to caption images on CPU or GPU.
+
+    Use ``Captioner.from_checkpoint(path, device=...)``; ``caption(images, beam_size=...)`` takes
+    paths or PIL images (any size or mode; files are EXIF-rotated).
+    """
+
+    def __init__(self, decoder: LoadedDecoder, backbone: Backbone, preprocessing: Preprocessing,
+                 spatial_shape: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None,
+                 feature_dtype: torch.dtype) -> None:
+        self.decoder = decoder
+        self.model = decoder.model
+        self.backbone = backbone
+        self.preprocessing = preprocessing
+        self.spatial_shape = spatial_shape
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.feature_dtype = feature_dtype
+        module = fuse_for_inference(backbone.module).to(device)
+        self.cnn = module.to(memory_format=torch.channels_last)  # as at extraction
+
+    @property
+    def has_attention(self) -> bool:
+        return bool(self.model.uses_spatial)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "auto",
+                        weights: str | os.PathLike | None = None, precision: str | None = None) -> Captioner:
+        """Rebuild checkpoint ``path``'s backbone and decoder on ``device`` (auto, cpu, cuda).
+
+        ``weights``: the state_dict file, for checkpoints whose features came from one (its sha256
+        is checked). ``precision``: the backbone's autocast (auto, fp32, bf16, fp16); default: the
+        one recorded at extraction. Raises ``CaptionsError`` when the backbone cannot be the same
+        as at extraction (other weights, output shape or channels).
+        """
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dec = load_decoder(path, dev)
+        meta = dec.checkpoint.get("features") or {}
+        missing = [k for k in ("backbone", "weights", "image_size", "preprocessing", "spatial_shape", "channels")
+                   if meta.get(k) is None]
+        if missing:
+            raise CaptionsError(f"checkpoint records no {', '.join(missing)} of its features' backbone", path)
+        arg = backbone_weights_arg(str(meta["weights"]), weights)
+        size = int(meta["image_size"])
+        bb = build_backbone(meta["backbone"], arg, size)  # "none" is seeded: the same random weights as at extraction
+        if bb.weights != meta["weights"]:
+            raise CaptionsError(f"backbone {meta['backbone']} now loads weights {bb.weights}, but the checkpoint's "
+                                f"features came from {meta['weights']}; use the library version it was trained with",
+                                path)
+        recorded = dict(meta["preprocessing"])
+        prep = Preprocessing(resize=int(recorded["resize"]), crop=int(recorded["crop"]),
+                             mean=tuple(recorded["mean"]), std=tuple(recorded["std"]),
+                             interpolation=str(recorded["interpolation"]))
+        if prep != bb.preprocessing:
+            log.warning("using the checkpoint's recorded preprocessing %s (the backbone's default now is %s)",
+                        prep.to_dict(), bb.preprocessing.to_dict())
+        with torch.inference_mode():
+            probe = bb.module(torch.zeros(1, 3, prep.crop, prep.crop))
+        shape = (int(probe.shape[2]), int(probe.shape[3]))
+        if int(probe.shape[1]) != int(meta["channels"]) or list(shape) != [int(v) for v in meta["spatial_shape"]]:
+            raise CaptionsError(f"backbone {meta['backbone']} gives {int(probe.shape[1])} x {shape[0]} x {shape[1]} "
+                                f"features, the checkpoint expects {meta['channels']} x "
+                                f"{' x '.join(map(str, meta['spatial_shape']))}", path)
+        amp = resolve_precision(precision or meta.get("precision") or "auto", dev)
+        fdtype = torch.float16 if meta.get("dtype") == "float16" else torch.float32
+        return cls(dec, bb, prep, shape, dev, amp, fdtype)
+
+    @torch.inference_mode()
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (N, 3, S, S) -> float32 features as stored in a cache: spatial (N, P, C) for
+        attention decoders, pooled (N, C) otherwise (rounded through the cache's dtype)."""
+        x = normalize_batch(batch.to(self.device), self.preprocessing).contiguous(memory_format=torch.channels_last)
+        if self.amp_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                fmap = self.cnn(x)
+        else:
+            fmap = self.cnn(x)
+        if self.model.uses_spatial:
+            feats = fmap.flatten(2).transpose(1, 2)
+        else:
+            feats = fmap.float().mean(dim=(2, 3))
+        return feats.to(self.feature_dtype).float()
+
+    def load(self, image: ImageInput) -> Image.Image:
+        """Path or PIL image -> RGB PIL image (files EXIF-rotated). Raises ``CaptionsError``."""
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        path = Path(image)
+        if not path.is_file():
+            raise CaptionsError("image file not found", path)
+        try:
+            return load_rgb(path)
+        except Exception as e:  # PIL raises many types for non-images and corrupt data
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CaptionsError(f"cannot read as an image ({type(e).__name__}: {detail})", path) from None
+
+    def caption(self, images: Sequence[ImageInput], beam_size: int = 3, length_penalty: float = 0.0,
+                batch_size: int = 16) -> list[CaptionResult]:
+        """Caption ``images`` (paths or PIL images), ``batch_size`` at a time through CNN and decoder.
+
+        Returns one ``CaptionResult`` per input, in order; an unreadable file gets its ``error``
+        set and does not stop the others. Results do not depend on ``batch_size``.
+        """
+        if beam_size < 1:
+            raise CaptionsError(f"beam size must be at least 1, got {beam_size}")
+        results: list[CaptionResult] = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            good: list[tuple[CaptionResult, torch.Tensor]] = []
+            for img in chunk:
+                name = str(img) if not isinstance(img, Image.Image) else f"<image {len(results)}>"
+                res = CaptionResult(source=name)
+                results.append(res)
+                try:
+                    rgb = self.load(img)
+                except CaptionsError as e:
+                    res.error = str(e)
+                    continue
+                crop = preprocess_image(rgb, self.preprocessing)
+                res.crop = Image.fromarray(crop.permute(1, 2, 0).numpy(), "RGB")
+                good.append((res, crop))
+            if good:
+                self._decode_into(good, beam_size, length_penalty)
+        return results
+
+    def _decode_into(self, good: list[tuple[CaptionResult, torch.Tensor]], beam_size: int,
+                     length_penalty: float) -> None:
+        feats = self.features(torch.stack([c for _, c in good]))
+        with torch.no_grad():
+            tokens, scores, maps = decode(self.model, feats, self.decoder.max_length + 1, beam_size, length_penalty)
+        tokens_l = tokens.cpu().tolist()
+        maps_np = maps.float().cpu().numpy() if maps is not None else None
+        h, w = self.spatial_shape
+        for j, (res, _) in enumerate(good):
+            words, steps = generated_words(tokens_l[j], self.decoder.idx_to_token)
+            res.words, res.caption, res.score = words, " ".join(words), float(scores[j])
+            if maps_np is not None:
+                res.attention = maps_np[j, steps].reshape(len(steps), h, w).astype(np.float32)

@@ -1,0 +1,124 @@
+"""``captions evaluate``: decode a split from the feature cache and score it with pycocoevalcap.
+
+Writes the predictions in COCO results format (``[{"image_id", "caption", "file_name"}]``; the
+id is the prepared dataset's image id) and the metrics as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captions.captioner import load_decoder
+from captions.decoding import decode
+from captions.errors import CaptionsError
+from captions.features.cache import FeatureCache
+from captions.features.extract import resolve_device
+from captions.fsutil import write_json_atomic
+from captions.metrics import java_available, score_captions
+from captions.pipeline.prepared import load_prepared
+from captions.pipeline.vocab import decode_captions
+
+log = logging.getLogger("captions")
+
+METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# feature-cache attributes that must equal the checkpoint's for its decoder to read the cache
+MATCH_KEYS = ("backbone", "weights", "image_size", "spatial_shape", "channels")
+
+
+def default_eval_dir(checkpoint: Path, split: str, beam_size: int) -> Path:
+    """``<checkpoint dir>/eval-<checkpoint stem>-<split>-beam<K>``."""
+    return checkpoint.parent / f"eval-{checkpoint.stem}-{split}-beam{beam_size}"
+
+
+def check_compatible(ckpt: dict[str, Any], cache: FeatureCache, vocab_hash: str, checkpoint: Path) -> None:
+    """Refuse a cache made with another backbone setup, or a dataset with another vocabulary."""
+    meta = ckpt.get("features") or {}
+    diff = [k for k in MATCH_KEYS if _plain(meta.get(k)) != _plain(cache.metadata.get(k))]
+    if diff:
+        what = ", ".join(f"{k} {meta.get(k)!r} vs {cache.metadata.get(k)!r}" for k in diff)
+        raise CaptionsError(f"the checkpoint was trained on other features than {cache.path} ({what})", checkpoint)
+    if ckpt["vocab"].get("hash") != vocab_hash:
+        raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another prepared "
+                            "dataset?): token ids would not match", checkpoint)
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, features: str | os.PathLike,
+                        split: str = "test", beam_size: int = 3, length_penalty: float = 0.0,
+                        device: str = "auto", batch_size: int = 64, out: str | os.PathLike | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """Caption every image of ``split`` (with features) and score against all its references.
+
+    Returns the metrics record (also written to ``out/metrics.json``): checkpoint, split, images,
+    beam_size, length_penalty, metrics (BLEU-1..4, METEOR when Java is available, ROUGE-L, CIDEr),
+    skipped_metrics, seconds, predictions (path of ``out/predictions.json``). ``out`` defaults to
+    ``default_eval_dir(checkpoint, split, beam_size)``.
+    """
+    from tqdm import tqdm
+
+    checkpoint = Path(checkpoint)
+    if beam_size < 1:
+        raise CaptionsError(f"beam size must be at least 1, got {beam_size}")
+    dev = resolve_device(device)
+    dec = load_decoder(checkpoint, dev)
+    ds = load_prepared(data_dir)
+    out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, beam_size)
+    t0 = time.perf_counter()
+    with FeatureCache(features) as cache:
+        cache.check_dataset(ds.dataset_hash, what=str(data_dir))
+        check_compatible(dec.checkpoint, cache, ds.vocab.hash, checkpoint)
+        ids = ds.split_image_ids(split)
+        if len(ids) == 0:
+            splits = sorted({im["split"] for im in ds.images})
+            raise CaptionsError(f"no images in split '{split}' (this dataset has: {', '.join(splits)})", data_dir)
+        valid = cache.valid[ids]
+        if not valid.all():
+            log.warning("%d %s image(s) have no features (unreadable at extraction); left out",
+                        int((~valid).sum()), split)
+        ids = ids[valid]
+        source = cache.spatial if dec.model.uses_spatial else cache.pooled
+        preds: dict[int, str] = {}
+        bar = tqdm(total=len(ids), desc=f"decode {split}", unit="img", disable=not progress)
+        for i in range(0, len(ids), batch_size):
+            batch = ids[i : i + batch_size]  # ascending: one h5py read
+            feats = torch.from_numpy(np.asarray(source[batch])).to(dev).float()
+            tokens, _, _ = decode(dec.model, feats, dec.max_length + 1, beam_size, length_penalty)
+            for img, text in zip(batch.tolist(), decode_captions(tokens.cpu(), dec.idx_to_token), strict=True):
+                preds[img] = text
+            bar.update(len(batch))
+        bar.close()
+    decode_s = time.perf_counter() - t0
+    refs = ds.references(split)
+    scores = score_captions(refs, preds)
+    metrics = {k: scores[k] for k in METRIC_ORDER if k in scores}
+    results = [{"image_id": img, "caption": text, "file_name": ds.images[img]["name"]} for img, text in preds.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "predictions.json", results)
+    record = {
+        "checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
+        "features": str(features), "split": split, "images": len(preds), "beam_size": beam_size,
+        "length_penalty": length_penalty, "metrics": metrics,
+        "skipped_metrics": [] if java_available() else ["METEOR"],
+        "decode_seconds": round(decode_s, 3), "predictions": str(out_dir / "predictions.json"),
+    }
+    write_json_atomic(out_dir / "metrics.json", record)
+    return record
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The metrics as a two-line aligned text table."""
+    keys = [k for k in METRIC_ORDER if k in metrics]
+    width = [max(len(k), 6) for k in keys]
+    head = "  ".join(k.rjust(w) for k, w in zip(keys, width, strict=True))
+    vals = "  ".join(f"{metrics[k]:.3f}".rjust(w) for k, w in zip(keys, width, strict=True))
+    return f"{head}\n{vals}"
