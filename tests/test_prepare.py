@@ -218,3 +218,14 @@ def test_cli_prepare_summary(tmp_path, csv_set):
     assert r.exit_code == 0, r.output
     assert "train 2 images / 4 captions" in r.output
     assert os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_flickr8k_kaggle_captions_txt_uses_hash_split(tmp_path):
+    for i in range(12):
+        write_image(tmp_path / "Images" / f"{i}.jpg", size=(20, 20), seed=i)
+    txt = tmp_path / "captions.txt"
+    txt.write_text("image,caption\n" + "".join(f"{i}.jpg,A dog number {i} runs .\n{i}.jpg,a dog\n" for i in range(12)))
+    m = prepare("flickr8k", [txt], tmp_path / "out",
+                options=PrepareOptions(min_count=1, image_size=16, val_fraction=0.25, test_fraction=0.25))
+    assert sum(c["images"] for c in m["counts"].values()) == 12 and m["skipped_count"] == 0
+    assert m["counts"]["train"]["captions"] == 2 * m["counts"]["train"]["images"]
