@@ -232,3 +232,11 @@ def test_torchrun_two_ranks_make_one_cache(tmp_path):
         assert a.valid.all() and json.dumps(a.skipped) == "[]"
         np.testing.assert_allclose(a.spatial[:].astype(np.float32), b.spatial[:].astype(np.float32), rtol=1e-3,
                                    atol=1e-3)
+
+
+def test_out_in_a_new_folder_is_created(tmp_path, prepared):
+    out = tmp_path / "new" / "deeper" / "c.h5"
+    extract_features(prepared, out, ExtractOptions(backbone="resnet18", weights="none", image_size=32, workers=0),
+                     progress=False)
+    with FeatureCache(out) as cache:
+        assert cache.valid.all()

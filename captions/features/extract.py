@@ -512,6 +512,7 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
         raise CaptionsError(f"unknown compression '{opts.compression}' (none, lzf or gzip)")
     ds = load_prepared(dataset_dir)
     out = Path(out) if out is not None else default_cache_path(Path(dataset_dir), opts.backbone, opts.image_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(opts.device)
     rank, world = dist_info()
     bb = build_backbone(opts.backbone, opts.weights, opts.image_size)
