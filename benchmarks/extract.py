@@ -41,6 +41,7 @@ from captions.features.extract import (
     plan_batches,
     plan_lanes,
     resolve_precision,
+    retained_heap,
     run_lanes,
 )
 from captions.pipeline.prepare import PrepareOptions, prepare
@@ -85,7 +86,7 @@ def make_subset(viic: Path, n: int, tmp: Path) -> Path:
     with open(viic / "captions.csv", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             if r["image"] not in seen:
-                if len(seen) == n:
+                if n > 0 and len(seen) == n:
                     break
                 seen.append(r["image"])
             rows.append(r)
@@ -160,7 +161,7 @@ def raw_forward(bb, batches_u8: list[torch.Tensor], amp_dtype, repeats: int) -> 
         run_lanes(list(range(len(xs))), lanes, lane_threads, one)
         return (n / (time.perf_counter() - t),)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), retained_heap():  # as extract_features runs it
         for i in range(min(len(xs), 2)):  # warm-up: oneDNN primitives for these shapes
             one(i)
         one(len(xs) - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from captions.errors import CaptionsError
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone
 from captions.features.cache import FORMAT_NAME, FORMAT_VERSION, read_attrs
-from captions.features.preprocess import crop_tensor, decode_rgb, normalize_batch
+from captions.features.preprocess import crop_batch, decode_images, normalize_batch
 from captions.fsutil import sha256_file
 from captions.pipeline.prepared import MANIFEST, load_prepared
 
@@ -34,24 +35,20 @@ def _failure(e: Exception) -> str:
 
 
 def load_crops(paths: list[Path], rows, prep) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
-    """Decode and crop images ``rows`` into one channels-last uint8 batch.
+    """Decode images ``rows`` and crop them as one batch.
 
-    -> (rows of good images (int64), uint8 (n, 3, S, S) channels_last or None, [(row, reason)] failures).
+    -> (rows of good images (int64), uint8 (n, 3, S, S) with channels-last memory (may be a view)
+    or None, [(row, reason)] failures).
     """
-    crops, good, failed = [], [], []
-    for r in rows:
-        r = int(r)
-        try:
-            crops.append(crop_tensor(decode_rgb(paths[r]), prep))
+    images, good, failed = [], [], []
+    rows = [int(r) for r in rows]
+    for r, x in zip(rows, decode_images([paths[r] for r in rows]), strict=True):
+        if isinstance(x, Exception):  # any decode failure skips this one image
+            failed.append((r, _failure(x)))
+        else:
+            images.append(x)
             good.append(r)
-        except Exception as e:  # any decode failure skips this one image
-            failed.append((r, _failure(e)))
-    x = None
-    if crops:
-        x = torch.empty((len(crops), 3, prep.crop, prep.crop), dtype=torch.uint8,
-                        memory_format=torch.channels_last)
-        for i, c in enumerate(crops):
-            x[i].copy_(c)
+    x = crop_batch(images, prep) if images else None
     return torch.tensor(good, dtype=torch.int64), x, failed
 
 
@@ -65,7 +62,8 @@ class ImageBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        return load_crops(self.paths, self.batches[i], self.prep)
+        rows, x, failed = load_crops(self.paths, self.batches[i], self.prep)
+        return rows, None if x is None else x.contiguous(memory_format=torch.channels_last), failed
 
 
 @dataclass
@@ -216,6 +214,37 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def retained_heap():
+    """While inside, glibc keeps freed memory for reuse instead of handing it back to the kernel.
+
+    Every forward allocates its activations afresh (tens of MB per layer for a batch); by default
+    glibc serves big blocks with mmap and returns freed ones, so each forward page-faults all its
+    activation memory again. On the benchmark VM a page fault costs ~3 us, and that was 25-50 % of
+    the CPU time of a forward (regnet_x_400mf 734 faults/image, tf_efficientnet_lite0 3,300). Here
+    glibc takes big blocks from its heap and does not trim it (mallopt M_MMAP_MAX = 0, a high
+    M_TRIM_THRESHOLD): memory stays at the run's peak until the end, where defaults are restored
+    and the heap is trimmed. A no-op without glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_mmap_max, 0)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_max, 65536)  # glibc's defaults
+        mallopt(m_trim_threshold, 128 * 1024)
+        malloc_trim(0)
+
+
 class FeatureForward:
     """The extraction forward: uint8 crops (N, 3, S, S) -> feature map (N, C, h, w).
 
@@ -231,16 +260,16 @@ class FeatureForward:
         self.preprocessing = bb.preprocessing
         module = fuse_for_inference(bb.module, inplace=inplace).to(device)
         self.input_dtype = torch.float32
-        if device.type == "cpu" and amp_dtype is not None and CAST_MODEL:
+        if device.type == "cpu" and amp_dtype is not None:
             module = module.to(amp_dtype)
             self.input_dtype = amp_dtype
         # channels_last measured faster on CPU too (benchmarks/README.md)
         self.module = module.to(memory_format=torch.channels_last) if channels_last else module
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        return normalize_batch(x, self.preprocessing, self.input_dtype)
+        """uint8 crops -> the model's input (dtype, device, memory format)."""
+        x = normalize_batch(x.to(self.device, non_blocking=True), self.preprocessing, self.input_dtype)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input (from ``normalize``) -> feature map; call under ``torch.inference_mode``."""
@@ -252,8 +281,6 @@ class FeatureForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(self.normalize(x))
 
-
-CAST_MODEL = True
 
 
 def spatial_shape_of(bb: Backbone, image_size: int) -> tuple[int, int]:
@@ -583,7 +610,7 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
             bar.update(len(rows) + len(failed))
 
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), retained_heap() if device.type == "cpu" else contextlib.nullcontext():
             if workers:  # decode processes feed the forward in this thread
                 loader = torch.utils.data.DataLoader(
                     ImageBatches(paths, batches, bb.preprocessing), batch_size=None, shuffle=False,
