@@ -40,12 +40,11 @@ from captions.features.extract import (
     load_crops,
     plan_batches,
     plan_lanes,
-    resolve_precision,
-    retained_heap,
     run_lanes,
 )
 from captions.pipeline.prepare import PrepareOptions, prepare
 from captions.pipeline.prepared import load_prepared
+from captions.runtime import resolve_precision, retained_heap
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPEATS = 3  # this VM shows 5-20 % CPU steal: report the best of a few runs of each measurement

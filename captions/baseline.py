@@ -9,13 +9,17 @@ vectors of 1- to 4-grams (document frequencies from the training references).
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from captions.features.cache import FeatureCache
-from captions.pipeline.prepared import PreparedDataset
+from captions.pipeline.prepared import PreparedDataset, load_prepared
 
 NGRAMS = 4
 
@@ -79,3 +83,30 @@ def nn_captions(ds: PreparedDataset, cache: FeatureCache, split: str = "val", k:
                 vecs += vec_cache[t]
             out[qid] = " ".join(cands[consensus(vecs)])
     return out
+
+
+def evaluate_nn(data_dir: str | os.PathLike, features: str | os.PathLike, split: str = "val", k: int = 10,
+                out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the retrieval baseline on ``split`` and score it as ``captions evaluate`` scores a decoder.
+
+    Writes ``out/predictions.json`` and ``out/metrics.json`` (``out`` defaults to
+    ``<features dir>/baseline-nn-k<k>-<split>``); returns the metrics record (model ``nn``, k,
+    metrics, ...).
+    """
+    from captions.errors import CaptionsError
+    from captions.evaluate import score_and_write
+
+    if k < 1:
+        raise CaptionsError(f"k must be at least 1, got {k}")
+    ds = load_prepared(data_dir)
+    if not len(ds.split_image_ids(split)):
+        splits = sorted({im["split"] for im in ds.images})
+        raise CaptionsError(f"no images in split '{split}' (this dataset has: {', '.join(splits)})", data_dir)
+    out_dir = Path(out) if out is not None else Path(features).parent / f"baseline-nn-k{k}-{split}"
+    t0 = time.perf_counter()
+    with FeatureCache(features) as cache:
+        cache.check_dataset(ds.dataset_hash, what=str(data_dir))
+        preds = nn_captions(ds, cache, split, k)
+    record = {"model": "nn", "k": k, "data": str(data_dir), "features": str(features), "split": split,
+              "decode_seconds": round(time.perf_counter() - t0, 3)}
+    return score_and_write(ds, preds, split, out_dir, record)

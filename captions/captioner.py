@@ -22,11 +22,12 @@ from PIL import Image
 from captions.decoding import decode
 from captions.errors import CaptionsError
 from captions.features.backbones import Backbone, Preprocessing, build_backbone
-from captions.features.extract import fuse_for_inference, resolve_device, resolve_precision
+from captions.features.extract import fuse_for_inference
 from captions.features.preprocess import normalize_batch, preprocess_image
 from captions.fsutil import sha256_file
 from captions.pipeline.resize import load_rgb, to_rgb
 from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
+from captions.runtime import resolve_device, resolve_precision
 from captions.trainer.checkpoint import load_checkpoint
 from captions.trainer.models import CaptionDecoder, DecoderConfig, build_decoder
 

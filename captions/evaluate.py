@@ -19,11 +19,11 @@ from captions.captioner import load_decoder
 from captions.decoding import decode
 from captions.errors import CaptionsError
 from captions.features.cache import FeatureCache
-from captions.features.extract import resolve_device
 from captions.fsutil import write_json_atomic
 from captions.metrics import java_available, score_captions
-from captions.pipeline.prepared import load_prepared
+from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.pipeline.vocab import decode_captions
+from captions.runtime import resolve_device
 
 log = logging.getLogger("captions")
 
@@ -98,19 +98,27 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
             bar.update(len(batch))
         bar.close()
     decode_s = time.perf_counter() - t0
-    refs = ds.references(split)
-    scores = score_captions(refs, preds)
-    metrics = {k: scores[k] for k in METRIC_ORDER if k in scores}
+    record = {"checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
+              "features": str(features), "split": split, "beam_size": beam_size, "length_penalty": length_penalty,
+              "decode_seconds": round(decode_s, 3)}
+    return score_and_write(ds, preds, split, out_dir, record)
+
+
+def score_and_write(ds: PreparedDataset, preds: dict[int, str], split: str, out_dir: str | os.PathLike,
+                    record: dict[str, Any]) -> dict[str, Any]:
+    """Score ``preds`` (image id -> caption) against all references of ``split``; write
+    ``out_dir/predictions.json`` (COCO results format) and ``out_dir/metrics.json``.
+
+    Returns ``record`` extended with images, metrics, skipped_metrics and predictions (its path).
+    """
+    out_dir = Path(out_dir)
+    scores = score_captions(ds.references(split), preds)
     results = [{"image_id": img, "caption": text, "file_name": ds.images[img]["name"]} for img, text in preds.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "predictions.json", results)
-    record = {
-        "checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
-        "features": str(features), "split": split, "images": len(preds), "beam_size": beam_size,
-        "length_penalty": length_penalty, "metrics": metrics,
-        "skipped_metrics": [] if java_available() else ["METEOR"],
-        "decode_seconds": round(decode_s, 3), "predictions": str(out_dir / "predictions.json"),
-    }
+    record = {**record, "images": len(preds), "metrics": {k: scores[k] for k in METRIC_ORDER if k in scores},
+              "skipped_metrics": [] if java_available() else ["METEOR"],
+              "predictions": str(out_dir / "predictions.json")}
     write_json_atomic(out_dir / "metrics.json", record)
     return record
 

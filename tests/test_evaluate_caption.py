@@ -227,3 +227,37 @@ def test_pooled_model_captions_and_refuses_attention_maps(run, tmp_path):
     assert res.error is None and res.attention is None and res.caption == " ".join(res.words)
     r = cli("caption", img, "--checkpoint", ckpt, "--attention-map", tmp_path / "maps")
     assert r.exit_code == 1 and "--attention-map needs an attention model" in r.output
+
+
+def test_baseline_nn_retrieves_consensus_captions_of_neighbours(run, tmp_path, no_java):
+    out = tmp_path / "nn"
+    r = cli("baseline", "nn", "--data", run["data"], "--features", run["feats"], "--split", "val", "-k", 3,
+            "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["model"] == "nn" and record["k"] == 3 and record["images"] == 8
+    assert {"BLEU-4", "ROUGE-L", "CIDEr"} <= set(record["metrics"])
+    assert json.loads((out / "metrics.json").read_text()) == record
+    # each prediction is a training caption of one of the 3 nearest training images (cosine, pooled)
+    ds = load_prepared(run["data"])
+    with FeatureCache(run["feats"]) as cache:
+        pooled = cache.pooled[:].astype(np.float64)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    train_ids = ds.split_image_ids("train")
+    for p in json.loads((out / "predictions.json").read_text()):
+        near = train_ids[np.argsort(-(pooled[train_ids] @ pooled[p["image_id"]]))[:3]]
+        assert p["caption"] in {" ".join(t) for i in near for t in ds.images[i]["tokens"]}
+
+    r = cli("baseline", "nn", "--data", run["data"], "--features", run["feats"], "--split", "nope")
+    assert r.exit_code == 1 and "no images in split 'nope'" in r.output
+
+
+def test_consensus_picks_the_caption_closest_to_the_others():
+    from collections import Counter
+
+    from captions.baseline import consensus, ngram_counts, tfidf_vectors
+
+    caps = [["a", "red", "car"], ["a", "red", "car", "parked"], ["a", "blue", "boat"], ["red", "car"]]
+    df = Counter(g for c in caps for g in set(ngram_counts(c)))
+    assert consensus(tfidf_vectors(caps, df, len(caps))) in (0, 3)  # the "red car" family, not the outlier
+    assert consensus(tfidf_vectors(caps, df, len(caps))) != 2

@@ -158,7 +158,8 @@ class AttentionDecoder(CaptionDecoder):
         """feats (N, P, C) -> state with h, c (N, H), A (N, P, H) and the per-batch precomputations."""
         mean = feats.mean(dim=1)
         A = self.proj(feats)
-        state = {"h": self.init_h(mean), "c": self.init_c(mean), "A": A}
+        # h and c stay float32 under autocast: c accumulates over the whole caption
+        state = {"h": self.init_h(mean).float(), "c": self.init_c(mean).float(), "A": A}
         if self.cfg.attention == "additive":
             state["A_att"] = self.att_f(A)  # (N, P, att)
         return state
@@ -177,7 +178,7 @@ class AttentionDecoder(CaptionDecoder):
     def _cell(self, x_gates: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, c = state["h"], state["c"]
         context, alpha = self._attend(h, state)
-        gates = x_gates + self.W_hattn(torch.cat([h, context], dim=1))
+        gates = x_gates.float() + self.W_hattn(torch.cat([h, context], dim=1)).float()
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
