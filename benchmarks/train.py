@@ -14,6 +14,7 @@ Usage: .venv/bin/python benchmarks/train.py --data /tmp/captions-quality/ucm \
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -28,9 +29,10 @@ from captions.features.preprocess import normalize_batch, preprocess_image
 from captions.pipeline.prepared import load_prepared
 from captions.pipeline.resize import load_rgb
 from captions.pipeline.vocab import NULL_ID
+from captions.runtime import retained_heap
 from captions.trainer.data import FeatureStore, epoch_batches
 from captions.trainer.models import DecoderConfig, build_decoder, caption_loss
-from captions.trainer.train import trim
+from captions.trainer.train import train_precision, trim
 
 REPEATS = 3
 
@@ -74,16 +76,19 @@ class NaiveDecoder(nn.Module):
         return torch.stack(logits, 1), None
 
 
-def time_steps(model, get_batch, batches, steps: int) -> tuple[float, float]:
-    """Best captions/s and tokens/s over REPEATS runs of ``steps`` training steps."""
+def time_steps(model, get_batch, batches, steps: int, amp_dtype: torch.dtype | None) -> tuple[float, float]:
+    """Best captions/s and tokens/s over REPEATS runs of ``steps`` training steps (under
+    ``amp_dtype`` autocast when given, as ``captions train --precision`` runs them)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     best = (0.0, 0.0)
+    amp = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     for _ in range(REPEATS):
         n_caps = n_tok = 0
         t = time.perf_counter()
         for rows in batches[:steps]:
             feats, caps = get_batch(rows)
-            logits, _ = model(feats, caps[:, :-1])
+            with amp:
+                logits, _ = model(feats, caps[:, :-1])
             loss = caption_loss(logits, caps[:, 1:])
             opt.zero_grad()
             loss.backward()
@@ -114,9 +119,13 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.data.name}: "
           f"{n_epoch} train captions/epoch, batch {args.batch_size}, features {cache.metadata['backbone']} "
           f"{cache.num_positions}x{cache.channels}")
-    print("| model | ours captions/s | ours tokens/s | epoch | (a) per-step captions/s | ours/(a) "
-          "| (b) CNN every batch captions/s | ours/(b) |")
-    print("|---|---|---|---|---|---|---|---|")
+    amp_dtype = train_precision("auto", torch.device("cpu"))
+    prec = "fp32" if amp_dtype is None else "bf16"
+    print(f"ours and (a) under {prec} autocast (captions train --precision auto); (a) also in fp32, and (b) runs "
+          f"the CNN in fp32 NCHW as the tutorials do")
+    print(f"| model | ours captions/s | ours tokens/s | epoch | (a) per-step, {prec} | ours/(a) | (a) per-step, fp32 "
+          "| ours/(a fp32) | (b) CNN every batch | ours/(b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     bb = build_backbone(cache.metadata["backbone"], args.weights, int(cache.metadata["image_size"]))
     cnn = bb.module.eval()
     for kind in ("rnn", "lstm", "attn"):
@@ -127,9 +136,6 @@ def main() -> None:
         def from_cache(r, store=store):
             return store.gather(ds.image_ids[r]), trim(torch.from_numpy(ds.captions[r]).long())
 
-        fast = time_steps(ours, from_cache, batches, args.steps)
-        naive = time_steps(NaiveDecoder(kind, cfg).train(), from_cache, batches, max(3, args.steps // 4))
-
         def end_to_end(r, spatial=ours.uses_spatial):
             x = torch.stack([preprocess_image(load_rgb(ds.image_path(int(i))), bb.preprocessing)
                              for i in ds.image_ids[r]])
@@ -138,10 +144,15 @@ def main() -> None:
             feats = fmap.flatten(2).transpose(1, 2) if spatial else fmap.mean(dim=(2, 3))
             return feats, trim(torch.from_numpy(ds.captions[r]).long())
 
-        e2e = time_steps(ours, end_to_end, batches, args.e2e_steps)
+        with retained_heap():  # as captions train runs
+            fast = time_steps(ours, from_cache, batches, args.steps, amp_dtype)
+            naive = time_steps(NaiveDecoder(kind, cfg).train(), from_cache, batches, max(3, args.steps // 4),
+                               amp_dtype)
+            naive32 = time_steps(NaiveDecoder(kind, cfg).train(), from_cache, batches, max(3, args.steps // 4), None)
+            e2e = time_steps(ours, end_to_end, batches, args.e2e_steps, amp_dtype)
         print(f"| {kind} | {fast[0]:.0f} | {fast[1]:.0f} | {n_epoch / fast[0]:.0f} s | {naive[0]:.0f} | "
-              f"{fast[0] / naive[0]:.1f}x | {e2e[0]:.1f} | {fast[0] / e2e[0]:.0f}x |", flush=True)
-
+              f"{fast[0] / naive[0]:.1f}x | {naive32[0]:.0f} | {fast[0] / naive32[0]:.1f}x | {e2e[0]:.1f} | "
+              f"{fast[0] / e2e[0]:.0f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

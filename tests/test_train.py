@@ -60,6 +60,22 @@ def test_every_decoder_learns_and_writes_its_run(tmp_path, synth, model, extra):
     assert best["features"]["backbone"] == "resnet18"
 
 
+def test_bf16_training_follows_fp32(tmp_path, synth):
+    """--precision bf16 (the CPU default where the CPU has native bf16) learns as fp32 does."""
+    data, cache = synth
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        train(data, cache, tmp_path / precision, TrainConfig(model="attn", precision=precision, **TINY),
+              progress=False)
+        losses[precision] = [r["val_loss"] for r in read_metrics(tmp_path / precision)]
+        assert load_checkpoint(tmp_path / precision / "last.pt")["train_config"]["precision"] == precision
+    assert losses["bf16"][-1] < losses["bf16"][0]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    assert losses["bf16"] != losses["fp32"]  # it did run in another precision
+    with pytest.raises(CaptionsError, match="unknown training precision 'fp16'"):
+        train(data, cache, tmp_path / "x", TrainConfig(model="attn", precision="fp16", **TINY), progress=False)
+
+
 def test_loss_ignores_null_and_has_both_reductions():
     logits = torch.zeros(2, 3, 5)
     targets = torch.tensor([[4, 2, NULL_ID], [4, NULL_ID, NULL_ID]])
