@@ -1,12 +1,15 @@
-"""Val BLEU-4 / CIDEr of each decoder on real photos with real pretrained features.
+"""Val quality of each decoder and of the retrieval baseline on real photos with real features.
 
 Prepares ../shared/data/ucm (Karpathy json) and ../shared/data/viic (Vietnamese CSV) with the
 default options (simple tokens, min count 5), extracts timm/tf_efficientnet_lite0 features with
-the ImageNet weights in ../shared/weights, trains each model with default hyper-parameters and
-prints a markdown table (best epoch by val CIDEr, greedy decoding).
+the ImageNet weights in ../shared/weights, trains each model with default hyper-parameters
+(``captions train MODEL`` with no options; runs that exist are resumed or reused), evaluates the
+best checkpoint (by val CIDEr) on val greedy and with beam 3 and 5 (``captions evaluate``), runs
+``captions baseline nn``, and prints markdown tables of BLEU-1..4, METEOR (with Java), ROUGE-L
+and CIDEr. Everything is also written to WORK/quality.json.
 
-Usage: .venv/bin/python benchmarks/quality.py [--work /tmp/captions-quality] [--epochs 10]
-       [--models rnn,lstm,attn] [--sets ucm,viic]
+Usage: .venv/bin/python benchmarks/quality.py [--work /tmp/captions-quality]
+       [--models rnn,lstm,attn,attn-additive] [--sets ucm,viic] [--epochs N] [--beams 1,3,5] [--nn-k 5,10]
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 import time
 from pathlib import Path
 
+from captions.baseline import evaluate_nn
+from captions.evaluate import METRIC_ORDER, evaluate_checkpoint
 from captions.features.extract import ExtractOptions, extract_features
 from captions.pipeline.prepare import prepare
 from captions.trainer.train import TrainConfig, train
@@ -26,16 +31,24 @@ SETS = {"ucm": ("karpathy", "data/ucm/dataset_ucm.json"), "viic": ("csv", "data/
 MODELS = {"rnn": {}, "lstm": {}, "attn": {}, "attn-additive": {"attention": "additive"}}
 
 
+def train_minutes(run: Path) -> float:
+    """Training time of a run (sum of its epochs' time_s, evaluation excluded), in minutes."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["time_s"] for r in rows) / 60
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/captions-quality"))
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--models", default="rnn,lstm,attn")
+    ap.add_argument("--epochs", type=int, default=None, help="default: captions train's default")
+    ap.add_argument("--models", default="rnn,lstm,attn,attn-additive")
     ap.add_argument("--sets", default="ucm,viic")
+    ap.add_argument("--beams", default="1,3,5")
+    ap.add_argument("--nn-k", default="5,10")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     weights = SHARED / "weights/tf_efficientnet_lite0.pth"
-    rows = []
+    results = []
     for name in args.sets.split(","):
         fmt, src = SETS[name]
         data = args.work / name
@@ -43,17 +56,35 @@ def main() -> None:
         cache = extract_features(data, None, ExtractOptions(backbone="timm/tf_efficientnet_lite0",
                                                             weights=str(weights)), progress=False)
         for model in args.models.split(","):
-            run = args.work / "runs" / f"{name}-{model}-e{args.epochs}"
-            cfg = TrainConfig(model=model.split("-")[0], epochs=args.epochs, **MODELS[model])
+            cfg = TrainConfig(model=model.split("-")[0], **MODELS[model])
+            if args.epochs:
+                cfg.epochs = args.epochs
+            run = args.work / "runs" / f"{name}-{model}-e{cfg.epochs}"
             t = time.perf_counter()
             result = train(data, cache, run, cfg, resume=True, progress=False)
-            minutes = (time.perf_counter() - t) / 60
             best = result["best"]
-            rows.append((name, model, best["epoch"], best["BLEU-4"], best["CIDEr"], minutes))
-            print(json.dumps({"set": name, "model": model, **best, "minutes": round(minutes, 1)}), flush=True)
-    print("\n| set | model | best epoch | val BLEU-4 | val CIDEr | train minutes |\n|---|---|---|---|---|---|")
-    for name, model, ep, b4, cider, minutes in rows:
-        print(f"| {name} | {model} | {ep} | {b4:.3f} | {cider:.3f} | {minutes:.1f} |")
+            base = {"set": name, "model": model, "best_epoch": best["epoch"], "epochs_run": result["epochs_run"],
+                    "train_minutes": round(train_minutes(run), 1),
+                    "wall_minutes_this_call": round((time.perf_counter() - t) / 60, 1)}
+            for beam in [int(b) for b in args.beams.split(",")]:
+                rec = evaluate_checkpoint(run / "best.pt", data, cache, split="val", beam_size=beam,
+                                          out=run / f"eval-val-beam{beam}")
+                results.append({**base, "decoding": "greedy" if beam == 1 else f"beam {beam}", **rec["metrics"]})
+                print(json.dumps(results[-1]), flush=True)
+        for k in [int(k) for k in args.nn_k.split(",")]:
+            rec = evaluate_nn(data, cache, split="val", k=k, out=args.work / "runs" / f"{name}-nn-k{k}")
+            results.append({"set": name, "model": f"nn (k={k})", "decoding": "retrieval", **rec["metrics"]})
+            print(json.dumps(results[-1]), flush=True)
+    (args.work / "quality.json").write_text(json.dumps(results, indent=1))
+    keys = [k for k in METRIC_ORDER if any(k in r for r in results)]
+    for name in args.sets.split(","):
+        print(f"\n{name} (val)\n\n| model | decoding | best epoch | train min | " + " | ".join(keys) + " |")
+        print("|---" * (4 + len(keys)) + "|")
+        for r in results:
+            if r["set"] == name:
+                head = (f"| {r['model']} | {r['decoding']} | {r.get('best_epoch', '–')} "
+                        f"| {r.get('train_minutes', '–')} | ")
+                print(head + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def test_bf16_training_follows_fp32(tmp_path, synth):
         train(data, cache, tmp_path / "x", TrainConfig(model="attn", precision="fp16", **TINY), progress=False)
 
 
+def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
+    data, cache = synth
+    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 6, "lr": 0.0}, patience=1)  # lr 0: CIDEr never improves
+    result = train(data, cache, tmp_path / "run", cfg, progress=False)
+    assert result["epochs_run"] == 2 and result["best"]["epoch"] == 1
+    again = train(data, cache, tmp_path / "run", cfg, resume=True, progress=False)
+    assert again["epochs_run"] == 2 and len(read_metrics(tmp_path / "run")) == 2
+
+
 def test_loss_ignores_null_and_has_both_reductions():
     logits = torch.zeros(2, 3, 5)
     targets = torch.tensor([[4, 2, NULL_ID], [4, NULL_ID, NULL_ID]])

@@ -257,6 +257,11 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
         best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
         set_rng_state(ckpt["rng"])
+        if ckpt.get("early_stopped"):
+            log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to resume",
+                     last, start_epoch, bad_epochs)
+            cache.close()
+            return {"best": best, "epochs_run": start_epoch, "out": str(out)}
         log.info("resuming %s at epoch %d, step %d", last, start_epoch + 1, start_step)
     model = core
     if world > 1:
@@ -334,7 +339,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                     bad_epochs = 0
                 else:
                     bad_epochs += 1
-                ck = checkpoint(epoch + 1, 0)
+                stop = len(val_ids) > 0 and bad_epochs >= cfg.patience
+                ck = {**checkpoint(epoch + 1, 0), "early_stopped": stop}
                 save_checkpoint(last, ck)
                 if improved:
                     save_checkpoint(out / "best.pt", ck)
@@ -349,7 +355,6 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                     f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, float)))
                 for s in samples:
                     log.info("  val sample: %s", s)
-                stop = len(val_ids) > 0 and bad_epochs >= cfg.patience
                 if stop:
                     log.info("early stop: val CIDEr has not improved for %d epochs (best %.4f at epoch %d)",
                              bad_epochs, best["CIDEr"], best["epoch"])
