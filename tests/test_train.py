@@ -131,6 +131,27 @@ def test_features_are_stored_once_per_image(synth):
             torch.testing.assert_close(streamed.gather(ids), store.gather(ids))
 
 
+def test_streaming_reads_each_block_once_per_epoch(synth):
+    data, cache_path = synth
+    from captions.features.cache import FeatureCache
+
+    ds = load_prepared(data)
+    with FeatureCache(cache_path) as cache:
+        store = FeatureStore(cache, spatial=True, ram_budget=1, device=torch.device("cpu"))
+        store.block_images = 8  # several blocks in this tiny cache
+        reads = []
+        read = store._read_block
+        store._read_block = lambda b: reads.append(b) or read(b)
+        rows = ds.split_caption_rows("train")
+        batches = epoch_batches(rows, ds.image_ids, 4, 0, 0, store.block_images)
+        for k, batch in enumerate(batches):  # as the training loop walks an epoch
+            if k + 1 < len(batches):
+                store.prefetch(int(ds.image_ids[batches[k + 1][0]]) // store.block_images)
+            store.gather(ds.image_ids[batch])
+        blocks = {int(ds.image_ids[b[0]]) // 8 for b in batches}
+        assert sorted(reads) == sorted(blocks)
+
+
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     rows = np.arange(100)
     img = rows // 5

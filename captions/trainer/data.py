@@ -72,7 +72,8 @@ class FeatureStore:
 
     def prefetch(self, b: int) -> None:
         """Start reading block ``b`` in the background (streaming mode only)."""
-        if self.in_ram or (self._prefetch is not None and self._prefetch[0] == b):
+        if (self.in_ram or (self._prefetch is not None and self._prefetch[0] == b)
+                or (self._block is not None and self._block[0] == b)):  # already read or being read
             return
         box: list = []
         t = threading.Thread(target=lambda: box.append(self._read_block(b)), daemon=True)
