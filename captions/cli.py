@@ -213,7 +213,10 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
               help="attn only: scaled dot-product, or Show-Attend-Tell additive with gate and regulariser.")
 @click.option("--attention-dim", default=256, show_default=True, type=click.IntRange(1),
               help="attn additive only: size of the attention MLP.")
-@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 0.95),
+              help="Dropout before the output layer.")
+@click.option("--embed-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 0.95),
+              help="Dropout on the word embeddings fed to the recurrent cell.")
 @click.option("--feature-as-input", is_flag=True,
               help="lstm only: feed the projected feature as the first input (Show and Tell) instead of h0/c0.")
 @click.option("--ds-lambda", default=1.0, show_default=True, type=float,
@@ -224,6 +227,9 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 @click.option("--grad-clip", default=5.0, show_default=True, type=float, help="Max gradient norm (0: off).")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Evaluate and ship an exponential moving average of the weights with this decay per "
+                   "step (0: off).")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val CIDEr.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -76,6 +76,25 @@ def test_bf16_training_follows_fp32(tmp_path, synth):
         train(data, cache, tmp_path / "x", TrainConfig(model="attn", precision="fp16", **TINY), progress=False)
 
 
+def test_ema_weights_are_evaluated_shipped_and_resumed(tmp_path, synth):
+    data, cache = synth
+    cfg = TrainConfig(model="attn", **{**TINY, "epochs": 2}, ema=0.9)
+    train(data, cache, tmp_path / "whole", cfg, progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert whole["ema_n_averaged"] > 1
+    raw, avg = whole["train_state_dict"], whole["state_dict"]
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw)  # the shipped weights are the average
+    steps = []
+    with pytest.raises(TrainingInterrupted):
+        train(data, cache, tmp_path / "cut", cfg, progress=False,
+              step_callback=lambda s: steps.append(s) or (s == 3 and os.kill(os.getpid(), signal.SIGINT)))
+    train(data, cache, tmp_path / "cut", cfg, resume=True, progress=False)
+    cut = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in avg:
+        torch.testing.assert_close(cut["state_dict"][k], avg[k])
+        torch.testing.assert_close(cut["train_state_dict"][k], raw[k])
+
+
 def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
     data, cache = synth
     cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 6, "lr": 0.0}, patience=1)  # lr 0: CIDEr never improves

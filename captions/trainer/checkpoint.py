@@ -3,7 +3,9 @@
 Keys: format, format_version, model, decoder_config, train_config, state_dict, vocab
 (idx_to_token, hash), dataset_hash, max_length, features (the cache's backbone, weights,
 image_size, preprocessing, dtype, spatial_shape, channels, dataset_hash), optimizer, scheduler,
-epoch, step_in_epoch, global_step, rng, best, bad_epochs.
+epoch, step_in_epoch, global_step, rng, best, bad_epochs; with ``--ema``, state_dict holds the
+averaged weights (the ones evaluated and used for captioning) and train_state_dict /
+ema_n_averaged the raw weights and average count that resuming needs.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class DecoderConfig:
     feature_dim: int
     embed_dim: int = 256
     hidden_dim: int = 512
-    dropout: float = 0.5
+    dropout: float = 0.5  # before the output layer
+    embed_dropout: float = 0.0  # on the word embeddings fed to the recurrent cell
     attention: str = "dot"  # attn only: dot | additive
     attention_dim: int = 256  # attn additive only
     feature_as_input: bool = False  # lstm only: Show and Tell (feature fed as the first input)
@@ -46,8 +47,13 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=NULL_ID)
+        self.embed_drop = nn.Dropout(cfg.embed_dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    def words(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) -> embeddings (..., E), with dropout while training."""
+        return self.embed_drop(self.embed(tokens))
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         raise NotImplementedError
@@ -71,7 +77,7 @@ class RNNDecoder(CaptionDecoder):
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
         """feats (N, C), tokens (N, T) -> logits (N, T, V). The whole sequence runs in one cuDNN/oneDNN call."""
-        hs, _ = self.rnn(self.embed(tokens), self._hidden0(feats))
+        hs, _ = self.rnn(self.words(tokens), self._hidden0(feats))
         return self.out(self.drop(hs)), None
 
     def init_state(self, feats: torch.Tensor) -> State:
@@ -84,7 +90,7 @@ class RNNDecoder(CaptionDecoder):
         return {"h": hidden.squeeze(0)}
 
     def step(self, tokens: torch.Tensor, state: State):
-        hs, hidden = self.rnn(self.embed(tokens).unsqueeze(1), self._pack(state))
+        hs, hidden = self.rnn(self.words(tokens).unsqueeze(1), self._pack(state))
         return self.out(hs.squeeze(1)), self._unpack(hidden), None
 
 
@@ -187,7 +193,7 @@ class AttentionDecoder(CaptionDecoder):
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (N, P, C), tokens (N, T) -> logits (N, T, V), alphas (N, T, P)."""
         state = self.init_state(feats)
-        x_gates = self.W_x(self.embed(tokens))  # (N, T, 4H) in one matmul
+        x_gates = self.W_x(self.words(tokens))  # (N, T, 4H) in one matmul
         hs, alphas = [], []
         # unbind, not x_gates[:, t]: indexing would make backward write a full (N, T, 4H) zero tensor per step
         for x_t in x_gates.unbind(1):
@@ -199,7 +205,7 @@ class AttentionDecoder(CaptionDecoder):
         return self.out(self.drop(hs_t)), torch.stack(alphas, dim=1)
 
     def step(self, tokens: torch.Tensor, state: State):
-        h, c, alpha = self._cell(self.W_x(self.embed(tokens)), state)
+        h, c, alpha = self._cell(self.W_x(self.words(tokens)), state)
         new = dict(state)
         new["h"], new["c"] = h, c
         return self.out(h), new, alpha

@@ -45,6 +45,7 @@ class TrainConfig:
     attention: str = "dot"
     attention_dim: int = 256
     dropout: float = 0.5
+    embed_dropout: float = 0.0
     feature_as_input: bool = False
     ds_lambda: float = 1.0
     loss: str = "sum"
@@ -52,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     schedule: str = "cosine"
     weight_decay: float = 0.0
+    ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
     patience: int = 3
     seed: int = 0
     device: str = "auto"
@@ -236,7 +238,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         log.warning("no val split: no evaluation, no early stopping, best.pt = last epoch")
 
     dcfg = DecoderConfig(vocab_size=len(ds.vocab), feature_dim=cache.channels, embed_dim=cfg.embed_dim,
-                         hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, attention=cfg.attention,
+                         hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
+                         attention=cfg.attention,
                          attention_dim=cfg.attention_dim, feature_as_input=cfg.feature_as_input)
     try:
         core = build_decoder(cfg.model, dcfg).to(device)
@@ -244,6 +247,10 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         raise CaptionsError(str(e)) from None
     store = FeatureStore(cache, core.uses_spatial, int(cfg.ram_budget_gb * 2**30), device)
     optimizer = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the averaged weights are what is evaluated and shipped (state_dict); the raw ones resume training
+    ema = (torch.optim.swa_utils.AveragedModel(core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+           if cfg.ema > 0 else None)
+    shipped = ema.module if ema is not None else core
     n_batches = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0, store.block_images))
     steps_per_epoch = n_batches // world if world > 1 else n_batches
     total_steps = steps_per_epoch * cfg.epochs
@@ -251,12 +258,15 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
 
     start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
     if ckpt is not None:
-        core.load_state_dict(ckpt["state_dict"])
+        core.load_state_dict(ckpt.get("train_state_dict", ckpt["state_dict"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
         best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["state_dict"])
+            ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
         if ckpt.get("early_stopped"):
             log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to resume",
                      last, start_epoch, bad_epochs)
@@ -275,13 +285,15 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
 
     def checkpoint(epoch: int, step_in_epoch: int) -> dict[str, Any]:
         return {"model": cfg.model, "decoder_config": asdict(dcfg), "train_config": asdict(cfg),
-                "state_dict": core.state_dict(), "vocab": {"idx_to_token": ds.vocab.idx_to_token,
+                "state_dict": shipped.state_dict(), "vocab": {"idx_to_token": ds.vocab.idx_to_token,
                                                            "hash": ds.vocab.hash},
                 "dataset_hash": ds.dataset_hash, "max_length": int(ds.captions.shape[1] - 2),
                 "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
-                "bad_epochs": bad_epochs}
+                "bad_epochs": bad_epochs,
+                **({"train_state_dict": core.state_dict(), "ema_n_averaged": int(ema.n_averaged)}
+                   if ema is not None else {})}
 
     epoch, epochs_run = start_epoch, start_epoch
     model.train()
@@ -309,6 +321,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(core)
                 scheduler.step()
                 value = loss.item()
                 running = value if running is None else 0.98 * running + 0.02 * value
@@ -332,7 +346,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running, "lr": scheduler.get_last_lr()[0],
                                        "captions_per_s": seen * world / max(elapsed, 1e-9), "time_s": elapsed}
                 if len(val_ids):
-                    row.update(evaluate_split(core, ds, store, "val", cfg, device, val_ids, val_rows))
+                    row.update(evaluate_split(shipped, ds, store, "val", cfg, device, val_ids, val_rows))
                 improved = not len(val_ids) or row["CIDEr"] > best["CIDEr"]
                 if improved:
                     best = {k: row[k] for k in ("epoch", "val_loss", "BLEU-4", "CIDEr") if k in row}
