@@ -223,7 +223,8 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
               help="attn additive only: weight of the doubly stochastic attention regulariser.")
 @click.option("--loss", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
               help="sum: summed over time, averaged over the batch (classic); mean: per token.")
-@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 0.5))
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Label smoothing of the training loss (val loss is reported without it).")
 @click.option("--grad-clip", default=5.0, show_default=True, type=float, help="Max gradient norm (0: off).")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)

@@ -49,7 +49,7 @@ class TrainConfig:
     feature_as_input: bool = False
     ds_lambda: float = 1.0
     loss: str = "sum"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     grad_clip: float = 5.0
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -93,6 +93,16 @@ def train_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return None
     return resolve_precision(precision, device)
+
+
+def ema_update(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """AveragedModel's avg_fn for an exponential moving average whose decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so the random initial weights fade within
+    tens of steps instead of 1 / (1 - decay)."""
+    def update(avg: torch.Tensor, param: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return avg * d + param.detach() * (1.0 - d)
+    return update
 
 
 def rng_state() -> dict[str, Any]:
@@ -248,8 +258,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     store = FeatureStore(cache, core.uses_spatial, int(cfg.ram_budget_gb * 2**30), device)
     optimizer = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # the averaged weights are what is evaluated and shipped (state_dict); the raw ones resume training
-    ema = (torch.optim.swa_utils.AveragedModel(core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
-           if cfg.ema > 0 else None)
+    ema = torch.optim.swa_utils.AveragedModel(core, avg_fn=ema_update(cfg.ema)) if cfg.ema > 0 else None
     shipped = ema.module if ema is not None else core
     n_batches = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0, store.block_images))
     steps_per_epoch = n_batches // world if world > 1 else n_batches
