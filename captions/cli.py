@@ -287,17 +287,24 @@ def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalt
     All reference captions of each image are used. METEOR needs Java; without it this says so once
     and reports the rest. Writes the predictions in COCO results format and the metrics as JSON.
     """
-    import json
-
-    from captions.evaluate import evaluate_checkpoint, metrics_table
+    from captions.evaluate import evaluate_checkpoint
 
     record = evaluate_checkpoint(checkpoint, data_dir, features, split=split, beam_size=beam_size,
                                  length_penalty=length_penalty, device=device, batch_size=batch_size, out=out,
                                  progress=not quiet and not as_json)
+    _echo_scores(record, f"beam size {record['beam_size']}", as_json)
+
+
+def _echo_scores(record: dict, how: str, as_json: bool) -> None:
+    """Print a scored split (``evaluate_checkpoint`` / ``evaluate_nn`` record) as JSON or a table."""
+    import json
+
+    from captions.evaluate import metrics_table
+
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
-    click.echo(f"{record['split']}: {record['images']} images, beam size {record['beam_size']}")
+    click.echo(f"{record['split']}: {record['images']} images, {how}")
     click.echo(metrics_table(record["metrics"]))
     click.echo(f"predictions: {record['predictions']}")
     click.echo(f"metrics: {Path(record['predictions']).parent / 'metrics.json'}")
@@ -328,19 +335,10 @@ def baseline_nn_cmd(data_dir, features, split, k, out, as_json) -> None:
     pooled features) are candidates, and the one with the highest mean n-gram TF-IDF similarity to
     the others (the consensus) is returned. No training; uses the same cache as the decoders.
     """
-    import json
-
     from captions.baseline import evaluate_nn
-    from captions.evaluate import metrics_table
 
     record = evaluate_nn(data_dir, features, split=split, k=k, out=out)
-    if as_json:
-        click.echo(json.dumps(record, indent=2))
-        return
-    click.echo(f"{record['split']}: {record['images']} images, nearest-neighbour retrieval, k = {k}")
-    click.echo(metrics_table(record["metrics"]))
-    click.echo(f"predictions: {record['predictions']}")
-    click.echo(f"metrics: {Path(record['predictions']).parent / 'metrics.json'}")
+    _echo_scores(record, f"nearest-neighbour retrieval, k = {k}", as_json)
 
 
 # ---------------------------------------------------------------------------------------------- caption
