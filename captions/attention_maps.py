@@ -53,7 +53,17 @@ def heat_overlay(photo: Image.Image, weights: np.ndarray, blend: tuple[float, fl
     return Image.fromarray(((1.0 - alpha) * base + alpha * heat + 0.5).astype(np.uint8), "RGB")
 
 
+# system fonts with wide coverage (Vietnamese, Greek, Cyrillic...) before Pillow's built-in one,
+# which only has Latin-1 and draws other letters as boxes
+FONT_CANDIDATES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    for name in FONT_CANDIDATES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: bitmap font only

@@ -261,3 +261,22 @@ def test_consensus_picks_the_caption_closest_to_the_others():
     df = Counter(g for c in caps for g in set(ngram_counts(c)))
     assert consensus(tfidf_vectors(caps, df, len(caps))) in (0, 3)  # the "red car" family, not the outlier
     assert consensus(tfidf_vectors(caps, df, len(caps))) != 2
+
+
+def test_attention_map_titles_draw_vietnamese_letters():
+    from PIL import ImageDraw
+
+    from captions.attention_maps import _font
+
+    font = _font(20)
+    if not hasattr(font, "path"):
+        pytest.skip("no TrueType font with wide coverage on this machine")
+
+    def ink(text):
+        img = Image.new("L", (40, 30))
+        ImageDraw.Draw(img).text((2, 2), text, font=font, fill=255)
+        return np.asarray(img)
+
+    # with a Latin-1-only font both letters come out as the same missing-glyph box
+    assert not np.array_equal(ink("ư"), ink("ơ"))
+    assert not np.array_equal(ink("đ"), ink("ạ"))
