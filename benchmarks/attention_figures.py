@@ -1,6 +1,6 @@
 """The README's attention figures: captions and attention maps of a few val images of each set.
 
-For each RUN_DIR/best.pt given, captions the first N val images of its prepared dataset with
+For each RUN_DIR/best.pt given, captions N val images spread evenly over the split of its prepared dataset with
 ``Captioner`` (the backbone re-run on the photo, as ``captions caption`` does), and writes
 ``docs/attention-<set>-<i>.png``: the photo and one heat-map tile per word (128 px tiles, a
 256-colour palette, so each figure stays small), plus the reference captions in
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from captions.attention_maps import attention_grid
@@ -43,7 +44,8 @@ def main() -> None:
         ds = load_prepared(data_dirs.get(name, Path(run).parents[1] / name))
         assert load_checkpoint(ckpt)["dataset_hash"] == ds.dataset_hash, f"{ckpt} was trained on another dataset"
         cap = Captioner.from_checkpoint(ckpt, device="cpu", weights=args.weights)
-        ids = ds.split_image_ids("val")[: args.images]
+        val = ds.split_image_ids("val")
+        ids = val[np.linspace(0, len(val) - 1, args.images).round().astype(int)]  # spread over the split
         results = cap.caption([ds.image_path(int(i)) for i in ids], beam_size=args.beam_size)
         lines = [f"# {name}: val images, beam {args.beam_size}", ""]
         for k, (i, res) in enumerate(zip(ids.tolist(), results, strict=True), 1):
