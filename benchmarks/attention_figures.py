@@ -22,7 +22,6 @@ from PIL import Image
 from captions.attention_maps import attention_grid
 from captions.captioner import Captioner
 from captions.pipeline.prepared import load_prepared
-from captions.trainer.checkpoint import load_checkpoint
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -42,8 +41,8 @@ def main() -> None:
         name, run = spec.split("=", 1)
         ckpt = Path(run) / "best.pt"
         ds = load_prepared(data_dirs.get(name, Path(run).parents[1] / name))
-        assert load_checkpoint(ckpt)["dataset_hash"] == ds.dataset_hash, f"{ckpt} was trained on another dataset"
         cap = Captioner.from_checkpoint(ckpt, device="cpu", weights=args.weights)
+        assert cap.decoder.checkpoint["dataset_hash"] == ds.dataset_hash, f"{ckpt} was trained on another dataset"
         val = ds.split_image_ids("val")
         ids = val[np.linspace(0, len(val) - 1, args.images).round().astype(int)]  # spread over the split
         results = cap.caption([ds.image_path(int(i)) for i in ids], beam_size=args.beam_size)

@@ -99,9 +99,7 @@ def evaluate_nn(data_dir: str | os.PathLike, features: str | os.PathLike, split:
     if k < 1:
         raise CaptionsError(f"k must be at least 1, got {k}")
     ds = load_prepared(data_dir)
-    if not len(ds.split_image_ids(split)):
-        splits = sorted({im["split"] for im in ds.images})
-        raise CaptionsError(f"no images in split '{split}' (this dataset has: {', '.join(splits)})", data_dir)
+    ds.require_split(split)
     out_dir = Path(out) if out is not None else Path(features).parent / f"baseline-nn-k{k}-{split}"
     t0 = time.perf_counter()
     with FeatureCache(features) as cache:

@@ -77,10 +77,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     with FeatureCache(features) as cache:
         cache.check_dataset(ds.dataset_hash, what=str(data_dir))
         check_compatible(dec.checkpoint, cache, ds.vocab.hash, checkpoint)
-        ids = ds.split_image_ids(split)
-        if len(ids) == 0:
-            splits = sorted({im["split"] for im in ds.images})
-            raise CaptionsError(f"no images in split '{split}' (this dataset has: {', '.join(splits)})", data_dir)
+        ids = ds.require_split(split)
         valid = cache.valid[ids]
         if not valid.all():
             log.warning("%d %s image(s) have no features (unreadable at extraction); left out",

@@ -223,7 +223,6 @@ class FeatureForward:
         return self.forward(self.normalize(x))
 
 
-
 def spatial_shape_of(bb: Backbone, image_size: int) -> tuple[int, int]:
     """Feature-map size for ``image_size`` crops.
 

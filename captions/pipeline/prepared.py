@@ -73,6 +73,14 @@ class PreparedDataset:
         """Ids of the images in ``split`` (int64, ascending)."""
         return np.array([im["id"] for im in self.images if im["split"] == split], dtype=np.int64)
 
+    def require_split(self, split: str) -> np.ndarray:
+        """``split_image_ids(split)``, refusing an empty split with the names of the splits there are."""
+        ids = self.split_image_ids(split)
+        if len(ids) == 0:
+            splits = sorted({im["split"] for im in self.images})
+            raise CaptionsError(f"no images in split '{split}' (this dataset has: {', '.join(splits)})", self.root)
+        return ids
+
     def split_caption_rows(self, split: str) -> np.ndarray:
         """Rows of ``captions`` whose image is in ``split``."""
         in_split = np.array([im["split"] == split for im in self.images], dtype=bool)

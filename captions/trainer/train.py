@@ -215,6 +215,11 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                                     last)
             if ckpt["dataset_hash"] != ds.dataset_hash:
                 raise CaptionsError("checkpoint was trained on another prepared dataset (dataset_hash differs)", last)
+            if ckpt.get("early_stopped"):  # before any features are loaded: there is nothing to do
+                log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to "
+                         "resume", last, ckpt["epoch"], ckpt["bad_epochs"])
+                cache.close()
+                return {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
             old = TrainConfig.from_dict(ckpt["train_config"])
             cfg = TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
         else:
@@ -276,11 +281,6 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         if ema is not None:
             ema.module.load_state_dict(ckpt["state_dict"])
             ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
-        if ckpt.get("early_stopped"):
-            log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to resume",
-                     last, start_epoch, bad_epochs)
-            cache.close()
-            return {"best": best, "epochs_run": start_epoch, "out": str(out)}
         log.info("resuming %s at epoch %d, step %d", last, start_epoch + 1, start_step)
     model = core
     if world > 1:
