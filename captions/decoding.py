@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
-from captions.trainer.models import CaptionDecoder
+from captions.trainer.models import CaptionDecoder, select_state
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def beam_search(model: CaptionDecoder, feats: torch.Tensor, max_length: int, bea
     n, k, dev = feats.shape[0], beam_size, feats.device
     state = model.init_state(feats)
     expand = torch.arange(n, device=dev).repeat_interleave(k)
-    state = {name: v.index_select(0, expand) for name, v in state.items()}
+    state = select_state(state, expand)
     tokens = torch.full((n * k,), START_ID, dtype=torch.long, device=dev)
     seqs = torch.full((n, k, max_length), NULL_ID, dtype=torch.long, device=dev)
     beam_scores = torch.zeros(n, k, device=dev)
@@ -115,7 +115,7 @@ def beam_search(model: CaptionDecoder, feats: torch.Tensor, max_length: int, bea
         finished = was_finished | (new_tok == END_ID)
         just = finished & ~was_finished
         flat_parent = (parent + rows * k).view(-1)
-        state = {name: v.index_select(0, flat_parent) for name, v in state.items()}
+        state = select_state(state, flat_parent)
         if alpha is not None:
             if maps is None:
                 maps = torch.zeros(n, k, max_length, alpha.shape[-1], device=dev, dtype=torch.float32)

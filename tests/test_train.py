@@ -14,7 +14,7 @@ from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
 from captions.pipeline.prepared import load_prepared
 from captions.pipeline.vocab import NULL_ID
 from captions.trainer.checkpoint import load_checkpoint
-from captions.trainer.data import FeatureStore, epoch_batches
+from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
 from captions.trainer.models import (
     DecoderConfig,
     build_decoder,
@@ -126,12 +126,43 @@ def test_teacher_forcing_matches_step_by_step():
     torch.manual_seed(0)
     for name, feats in (("lstm", torch.randn(2, 6)), ("attn", torch.randn(2, 4, 6))):
         model = build_decoder(name, DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)).eval()
-        tokens = torch.randint(1, 9, (2, 5))
+        tokens = torch.randint(3, 9, (2, 5))  # no <END>: the teacher-forced pass stops there
         full, _ = model(feats, tokens)
         state = model.init_state(feats)
         for t in range(5):
             step_logits, state, _ = model.step(tokens[:, t], state)
             torch.testing.assert_close(step_logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_captions_of_an_image_share_its_projected_features():
+    """Training passes each image once with the image of each caption: same result as one row per
+    caption, including images with fewer captions than others (padding slots)."""
+    torch.manual_seed(0)
+    for attention in ("dot", "additive"):
+        model = build_decoder("attn", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8,
+                                                    attention=attention)).eval()
+        feats = torch.randn(3, 4, 6)
+        for image_index in (torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 2, 1, 1, 0])):
+            tokens = torch.randint(1, 9, (6, 5))
+            logits, alphas = model(feats, tokens, image_index=image_index)
+            per_caption, per_alphas = model(feats[image_index], tokens)
+            torch.testing.assert_close(logits, per_caption, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(alphas, per_alphas, rtol=1e-4, atol=1e-5)
+    lstm = build_decoder("lstm", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)).eval()
+    pooled, tokens, index = torch.randn(2, 6), torch.randint(1, 9, (3, 5)), torch.tensor([1, 0, 1])
+    torch.testing.assert_close(lstm(pooled, tokens, image_index=index)[0], lstm(pooled[index], tokens)[0])
+
+
+def test_batches_hold_whole_images():
+    rows = np.arange(40)
+    img = np.repeat(np.arange(12), [5, 4, 3, 5, 2, 5, 1, 5, 3, 2, 4, 1])
+    batches = epoch_batches(rows, img, 8, seed=0, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == rows.tolist()
+    assert all(len(b) <= 8 for b in batches)
+    seen = [set(img[b].tolist()) for b in batches]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])  # an image is never split
+    images, index = images_of_batch(np.array([7, 3, 7, 9, 3]))
+    assert images.tolist() == [7, 3, 9] and index.tolist() == [0, 1, 0, 2, 1]
 
 
 def test_features_are_stored_once_per_image(synth):

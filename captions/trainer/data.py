@@ -23,20 +23,39 @@ def epoch_batches(rows: np.ndarray, image_of_row: np.ndarray, batch_size: int, s
     replays the same order.
 
     ``rows``: caption rows to train on; ``image_of_row``: image id (cache row) of every caption row.
-    With ``block_images`` (streaming), images are grouped in blocks of consecutive ids; blocks come
-    in random order and a batch never spans two blocks, so each block is read from disk once.
+    Images come in random order with all their captions together (in random order), so a batch
+    holds whole images, at most ``batch_size`` captions (unless one image has more), and each
+    image's features are gathered and projected once. With ``block_images`` (streaming), images
+    are grouped in blocks of consecutive ids; blocks come in random order and a batch never spans
+    two blocks, so each block is read from disk once.
     """
     rng = np.random.default_rng([seed, epoch])
-    if block_images is None:
-        perm = rows[rng.permutation(len(rows))]
-        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
-    blocks = image_of_row[rows] // block_images
-    batches = []
-    for b in rng.permutation(np.unique(blocks)):
-        in_block = rows[blocks == b]
-        in_block = in_block[rng.permutation(len(in_block))]
-        batches += [in_block[i : i + batch_size] for i in range(0, len(in_block), batch_size)]
-    return batches
+    rows = rows[rng.permutation(len(rows))]  # the order of an image's captions
+    images = image_of_row[rows]
+    uniq, image_pos = np.unique(images, return_inverse=True)
+    image_key = rng.permutation(len(uniq))[image_pos]
+    block = images // block_images if block_images is not None else np.zeros_like(images)
+    block_key = rng.permutation(int(block.max(initial=0)) + 1)[block]
+    order = np.lexsort((image_key, block_key))  # stable: captions keep their shuffled order
+    rows, images, block_key = rows[order], images[order], block_key[order]
+    starts = np.r_[np.flatnonzero(images[1:] != images[:-1]) + 1, len(rows)]  # where each image begins
+    edges = [0]
+    for start, end in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+        # a batch takes whole images up to batch_size captions (one image may exceed it alone)
+        if block_key[start] != block_key[start - 1] or end - edges[-1] > batch_size:
+            edges.append(start)
+    edges.append(len(rows))
+    return [rows[a:e] for a, e in zip(edges[:-1], edges[1:], strict=True) if e > a]
+
+
+def images_of_batch(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """image ids of a batch's captions (N,) -> (its distinct images (M,) in order of first
+    appearance, the position of each caption's image among them (N,))."""
+    uniq, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inverse.reshape(-1)]
 
 
 class FeatureStore:

@@ -26,7 +26,7 @@ from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.pipeline.vocab import NULL_ID, decode_captions
 from captions.runtime import resolve_device, resolve_precision, retained_heap
 from captions.trainer.checkpoint import feature_meta, load_checkpoint, save_checkpoint
-from captions.trainer.data import FeatureStore, epoch_batches
+from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
 from captions.trainer.models import DecoderConfig, build_decoder, caption_loss, doubly_stochastic_penalty
 
 log = logging.getLogger("captions")
@@ -265,9 +265,10 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     # the averaged weights are what is evaluated and shipped (state_dict); the raw ones resume training
     ema = torch.optim.swa_utils.AveragedModel(core, avg_fn=ema_update(cfg.ema)) if cfg.ema > 0 else None
     shipped = ema.module if ema is not None else core
-    n_batches = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0, store.block_images))
-    steps_per_epoch = n_batches // world if world > 1 else n_batches
-    total_steps = steps_per_epoch * cfg.epochs
+    # batches hold whole images, so their number varies a little from epoch to epoch: the schedule
+    # counts on the first epoch's
+    total_steps = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0,
+                                    store.block_images)) // world * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps))
 
     start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
@@ -309,7 +310,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     with _StopFlag() as flag, retained_heap() if device.type == "cpu" else nullcontext():
         for epoch in range(start_epoch, cfg.epochs):
             batches = epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, epoch, store.block_images)
-            batches = batches[: steps_per_epoch * world][rank::world]
+            if world > 1:  # every rank takes the same number of steps
+                batches = batches[: len(batches) // world * world][rank::world]
             skip = start_step if epoch == start_epoch else 0
             bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                        disable=not progress or rank != 0)
@@ -319,9 +321,10 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 if store.block_images is not None and k + 1 < len(batches):
                     store.prefetch(int(ds.image_ids[batches[k + 1][0]]) // store.block_images)
                 caps = trim(torch.from_numpy(ds.captions[rows]).long()).to(device)
-                feats = store.gather(ds.image_ids[rows])
+                images, image_index = images_of_batch(ds.image_ids[rows])
+                feats = store.gather(images)
                 with amp:
-                    logits, alphas = model(feats, caps[:, :-1])
+                    logits, alphas = model(feats, caps[:, :-1], image_index=torch.from_numpy(image_index).to(device))
                 loss = caption_loss(logits, caps[:, 1:], cfg.loss, cfg.label_smoothing)
                 if alphas is not None and cfg.attention == "additive" and cfg.ds_lambda > 0:
                     loss = loss + cfg.ds_lambda * doubly_stochastic_penalty(alphas.float(), caps[:, 1:])
