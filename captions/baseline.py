@@ -18,14 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from captions.cider import document_frequencies, ngram_counts
 from captions.features.cache import FeatureCache
 from captions.pipeline.prepared import PreparedDataset, load_prepared
-
-NGRAMS = 4
-
-
-def ngram_counts(tokens: list[str]) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for n in range(1, NGRAMS + 1) for i in range(len(tokens) - n + 1))
 
 
 def tfidf_vectors(captions: list[list[str]], doc_freq: Counter, n_docs: int) -> list[dict]:
@@ -63,9 +58,7 @@ def nn_captions(ds: PreparedDataset, cache: FeatureCache, split: str = "val", k:
     pooled = torch.nn.functional.normalize(pooled, dim=1)
     train_feats = pooled[torch.from_numpy(train_ids)]
     train_caps = [ds.images[i]["tokens"] for i in train_ids]
-    doc_freq: Counter = Counter()
-    for caps in train_caps:  # one document per image, as CIDEr does
-        doc_freq.update({g for toks in caps for g in ngram_counts(toks)})
+    doc_freq = document_frequencies(train_caps)  # one document per image, as CIDEr does
     vec_cache: dict[int, list[dict]] = {}
     out: dict[int, str] = {}
     for s in range(0, len(query_ids), batch):

@@ -233,6 +233,13 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
                    "step (0: off).")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val CIDEr.")
+@click.option("--scst-epochs", default=0, show_default=True, type=click.IntRange(0),
+              help="Self-critical epochs after the cross-entropy ones: sample captions, reward them with "
+                   "their CIDEr-D against the image's references (baseline: the image's other samples).")
+@click.option("--scst-lr", default=5e-5, show_default=True, type=float,
+              help="Learning rate of the self-critical epochs (constant).")
+@click.option("--scst-samples", default=5, show_default=True, type=click.IntRange(2),
+              help="Captions sampled per image in self-critical training.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

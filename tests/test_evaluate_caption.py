@@ -255,7 +255,8 @@ def test_baseline_nn_retrieves_consensus_captions_of_neighbours(run, tmp_path, n
 def test_consensus_picks_the_caption_closest_to_the_others():
     from collections import Counter
 
-    from captions.baseline import consensus, ngram_counts, tfidf_vectors
+    from captions.baseline import consensus, tfidf_vectors
+    from captions.cider import ngram_counts
 
     caps = [["a", "red", "car"], ["a", "red", "car", "parked"], ["a", "blue", "boat"], ["red", "car"]]
     df = Counter(g for c in caps for g in set(ngram_counts(c)))

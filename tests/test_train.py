@@ -286,3 +286,59 @@ def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth):
     assert rows[1]["train_loss"] < rows[0]["train_loss"] * 1.5
     assert load_checkpoint(run / "best.pt")["model"] == "lstm"
     assert r.stdout.count("trained lstm") == 1
+
+
+def test_self_critical_epochs_follow_the_cross_entropy_ones_and_resume(tmp_path, synth):
+    """--scst-epochs: after the cross-entropy epochs, the best weights go on with self-critical
+    epochs (logged with their reward and lr); an interrupted one resumes to the same weights."""
+    data, cache = synth
+    cfg = TrainConfig(model="attn", **{**TINY, "epochs": 2}, scst_epochs=2, scst_lr=1e-3, patience=5)
+    train(data, cache, tmp_path / "full", cfg, progress=False)
+    rows = read_metrics(tmp_path / "full")
+    assert [r["phase"] for r in rows] == ["cross-entropy"] * 2 + ["self-critical"] * 2
+    assert rows[2]["lr"] == pytest.approx(1e-3) and rows[2]["train_reward"] > 0
+    scst_from = load_checkpoint(tmp_path / "full" / "last.pt")["scst_from"]
+    with pytest.raises(TrainingInterrupted):
+        train(data, cache, tmp_path / "cut", cfg, progress=False,
+              step_callback=lambda s: s == scst_from + 3 and os.kill(os.getpid(), signal.SIGINT))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["scst_from"] == scst_from
+    train(data, cache, tmp_path / "cut", cfg, resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_self_critical_loss_raises_the_cider_of_samples():
+    from captions.cider import CiderD
+    from captions.trainer.scst import self_critical_loss
+
+    torch.manual_seed(0)
+    words = ["<NULL>", "<START>", "<END>", "<UNK>", "a", "red", "blue", "car", "boat", "on", "water", "road"]
+    cider = CiderD({0: [["a", "red", "car", "on", "road"]] * 2, 1: [["a", "blue", "boat", "on", "water"]] * 2,
+                    2: [["a", "car"], ["a", "red", "car"]], 3: [["a", "boat"], ["water"]]})
+    model = build_decoder("attn", DecoderConfig(vocab_size=len(words), feature_dim=6, embed_dim=8, hidden_dim=16))
+    feats, ids = torch.randn(4, 3, 6), np.arange(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rewards = []
+    for _ in range(60):
+        loss, reward = self_critical_loss(model, feats, ids, cider, words, k=5, max_length=8)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rewards.append(reward)
+    assert np.mean(rewards[-10:]) > 1.6 * np.mean(rewards[:10])  # 0.55 -> 1.04 here
+
+
+def test_sampled_captions_stop_at_end():
+    from captions.trainer.scst import sample_captions
+
+    torch.manual_seed(0)
+    for name, feats in (("lstm", torch.randn(3, 6)), ("attn", torch.randn(3, 4, 6))):
+        model = build_decoder(name, DecoderConfig(vocab_size=5, feature_dim=6, embed_dim=4, hidden_dim=8))
+        tokens, logps = sample_captions(model, feats, k=4, max_length=12)
+        assert tokens.shape[0] == logps.shape[0] == 12 and logps.requires_grad
+        for seq, lp in zip(tokens.tolist(), logps, strict=True):
+            if 2 in seq:  # <END>: nothing after it
+                end = seq.index(2)
+                assert all(t == 0 for t in seq[end + 1:]) and bool((lp[end + 1:] == 0).all())
+            assert bool((lp[: seq.index(2) + 1 if 2 in seq else len(seq)] < 0).all())

@@ -58,6 +58,15 @@ class CaptionDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 
+    image_keys: tuple[str, ...] = ()  # state entries that depend on the image alone, never on the words
+
+    def expand_state(self, state: State, k: int) -> State:
+        """A state of M images -> the state of M * k captions (each image's k captions consecutive);
+        ``image_keys`` entries stay one row per image (``step`` groups the captions over them)."""
+        if k == 1:
+            return state
+        return {name: v if name in self.image_keys else v.repeat_interleave(k, dim=0) for name, v in state.items()}
+
     def words(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (...) -> embeddings (..., E), with dropout while training."""
         return self.embed_drop(self.embed(tokens))
@@ -153,6 +162,7 @@ class AttentionDecoder(CaptionDecoder):
     """
 
     uses_spatial = True
+    image_keys = ("A", "A_att")
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__(cfg)
@@ -225,11 +235,10 @@ class AttentionDecoder(CaptionDecoder):
         slots = None
         if image_index is not None:
             S, slots = caption_slots(image_index, feats.shape[0])
-            per_slot = torch.arange(feats.shape[0], device=feats.device).repeat_interleave(S)
-            state["h"], state["c"] = state["h"].index_select(0, per_slot), state["c"].index_select(0, per_slot)
+            state = self.expand_state(state, S)
             if slots is not None:  # padding slots: zero input, never live, outputs never read
-                x_gates = x_gates.new_zeros(len(per_slot), *x_gates.shape[1:]).index_copy(0, slots, x_gates)
-                live = live.new_zeros(len(per_slot), live.shape[1]).index_copy(0, slots, live)
+                x_gates = x_gates.new_zeros(len(state["h"]), *x_gates.shape[1:]).index_copy(0, slots, x_gates)
+                live = live.new_zeros(len(state["h"]), live.shape[1]).index_copy(0, slots, live)
         live = live.cpu()  # one device sync per batch, not one per step
         h, c = state["h"], state["c"]
         hs, alphas = [], []

@@ -28,6 +28,7 @@ from captions.runtime import resolve_device, resolve_precision, retained_heap
 from captions.trainer.checkpoint import feature_meta, load_checkpoint, save_checkpoint
 from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
 from captions.trainer.models import DecoderConfig, build_decoder, caption_loss, doubly_stochastic_penalty
+from captions.trainer.scst import self_critical_loss, train_references
 
 log = logging.getLogger("captions")
 
@@ -55,6 +56,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
     patience: int = 3
+    scst_epochs: int = 0  # self-critical epochs after the cross-entropy ones (0: none)
+    scst_lr: float = 5e-5
+    scst_samples: int = 5  # sampled captions per image
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16: autocast of the decoder's matrix products
@@ -269,7 +273,15 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     # counts on the first epoch's
     total_steps = len(epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, 0,
                                     store.block_images)) // world * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg.schedule, s, total_steps))
+    scst_from: list[int | None] = [None]  # the global step where self-critical training began
+
+    def lr_lambda(step: int) -> float:
+        if scst_from[0] is not None and step >= scst_from[0]:
+            return cfg.scst_lr / cfg.lr
+        return lr_factor(cfg.schedule, step, total_steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    cider = None  # the CIDEr-D rewards of self-critical training, built when it starts
 
     start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
     if ckpt is not None:
@@ -278,6 +290,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
         best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
+        scst_from[0] = ckpt.get("scst_from")
         set_rng_state(ckpt["rng"])
         if ema is not None:
             ema.module.load_state_dict(ckpt["state_dict"])
@@ -301,35 +314,71 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
-                "bad_epochs": bad_epochs,
+                "bad_epochs": bad_epochs, "scst_from": scst_from[0],
                 **({"train_state_dict": core.state_dict(), "ema_n_averaged": int(ema.n_averaged)}
                    if ema is not None else {})}
 
+    def start_self_critical() -> None:
+        """Continue from the best cross-entropy weights, with fresh Adam moments (the policy
+        gradient has another scale) and the constant self-critical learning rate."""
+        if (out / "best.pt").exists():
+            weights = load_checkpoint(out / "best.pt")["state_dict"]
+            core.load_state_dict(weights)
+            if ema is not None:
+                ema.module.load_state_dict(weights)
+        optimizer.state.clear()
+        scst_from[0] = int(scheduler.last_epoch)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_lambda(scst_from[0])
+        log.info("self-critical training from the best epoch (%d, val CIDEr %.4f), lr %g", best["epoch"],
+                 best["CIDEr"], cfg.scst_lr)
+
+    total_epochs = cfg.epochs + cfg.scst_epochs
+    max_len = int(ds.captions.shape[1] - 2)
     epoch, epochs_run = start_epoch, start_epoch
     model.train()
     with _StopFlag() as flag, retained_heap() if device.type == "cpu" else nullcontext():
-        for epoch in range(start_epoch, cfg.epochs):
+        while epoch < total_epochs:
+            scst = epoch >= cfg.epochs
+            skip = start_step if epoch == start_epoch else 0
+            if scst and scst_from[0] is None:
+                start_self_critical()
+            if scst and cider is None:
+                cider = train_references(ds, np.unique(ds.image_ids[train_rows]))
             batches = epoch_batches(train_rows, ds.image_ids, cfg.batch_size, cfg.seed, epoch, store.block_images)
             if world > 1:  # every rank takes the same number of steps
                 batches = batches[: len(batches) // world * world][rank::world]
-            skip = start_step if epoch == start_epoch else 0
-            bar = tqdm(total=len(batches), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not progress or rank != 0)
-            t0, seen, running = time.perf_counter(), 0, None
+            bar = tqdm(total=len(batches), initial=skip, unit="batch", disable=not progress or rank != 0,
+                       desc=f"epoch {epoch + 1}/{total_epochs}{' self-critical' if scst else ''}")
+            t0, seen, running, rewards = time.perf_counter(), 0, None, []
             for k in range(skip, len(batches)):
                 rows = batches[k]
                 if store.block_images is not None and k + 1 < len(batches):
                     store.prefetch(int(ds.image_ids[batches[k + 1][0]]) // store.block_images)
-                caps = trim(torch.from_numpy(ds.captions[rows]).long()).to(device)
                 images, image_index = images_of_batch(ds.image_ids[rows])
                 feats = store.gather(images)
-                with amp:
-                    logits, alphas = model(feats, caps[:, :-1], image_index=torch.from_numpy(image_index).to(device))
-                loss = caption_loss(logits, caps[:, 1:], cfg.loss, cfg.label_smoothing)
-                if alphas is not None and cfg.attention == "additive" and cfg.ds_lambda > 0:
-                    loss = loss + cfg.ds_lambda * doubly_stochastic_penalty(alphas.float(), caps[:, 1:])
+                if scst:
+                    with amp:
+                        loss, reward = self_critical_loss(core, feats, images, cider, ds.vocab.idx_to_token,
+                                                          cfg.scst_samples, max_len + 1)
+                    rewards.append(reward)
+                    seen += len(images) * cfg.scst_samples
+                else:
+                    caps = trim(torch.from_numpy(ds.captions[rows]).long()).to(device)
+                    with amp:
+                        logits, alphas = model(feats, caps[:, :-1],
+                                               image_index=torch.from_numpy(image_index).to(device))
+                    loss = caption_loss(logits, caps[:, 1:], cfg.loss, cfg.label_smoothing)
+                    if alphas is not None and cfg.attention == "additive" and cfg.ds_lambda > 0:
+                        loss = loss + cfg.ds_lambda * doubly_stochastic_penalty(alphas.float(), caps[:, 1:])
+                    seen += len(rows)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if scst and world > 1:  # sampling runs the module itself, so DDP does not reduce these
+                    for p in core.parameters():
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= world
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -338,9 +387,9 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 scheduler.step()
                 value = loss.item()
                 running = value if running is None else 0.98 * running + 0.02 * value
-                seen += len(rows)
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", caps_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{running:.3f}", caps_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+                                **({"reward": f"{np.mean(rewards[-20:]):.3f}"} if scst else {}))
                 if step_callback is not None:
                     step_callback(int(scheduler.last_epoch))
                 if flag.stop or (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0):
@@ -353,10 +402,13 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
             bar.close()
             epochs_run = epoch + 1
             elapsed = time.perf_counter() - t0
-            stop = False
+            next_epoch, stop = epoch + 1, False
             if rank == 0:
-                row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running, "lr": scheduler.get_last_lr()[0],
+                row: dict[str, Any] = {"epoch": epoch + 1, "phase": "self-critical" if scst else "cross-entropy",
+                                       "train_loss": running, "lr": scheduler.get_last_lr()[0],
                                        "captions_per_s": seen * world / max(elapsed, 1e-9), "time_s": elapsed}
+                if scst:
+                    row["train_reward"] = float(np.mean(rewards)) if rewards else None
                 if len(val_ids):
                     row.update(evaluate_split(shipped, ds, store, "val", cfg, device, val_ids, val_rows))
                 improved = not len(val_ids) or row["CIDEr"] > best["CIDEr"]
@@ -366,7 +418,9 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 else:
                     bad_epochs += 1
                 stop = len(val_ids) > 0 and bad_epochs >= cfg.patience
-                ck = {**checkpoint(epoch + 1, 0), "early_stopped": stop}
+                if not scst and (stop or next_epoch == cfg.epochs) and cfg.scst_epochs > 0:
+                    next_epoch, stop, bad_epochs = cfg.epochs, False, 0  # on to self-critical training
+                ck = {**checkpoint(next_epoch, 0), "early_stopped": stop}
                 save_checkpoint(last, ck)
                 if improved:
                     save_checkpoint(out / "best.pt", ck)
@@ -385,11 +439,12 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                     log.info("early stop: val CIDEr has not improved for %d epochs (best %.4f at epoch %d)",
                              bad_epochs, best["CIDEr"], best["epoch"])
             if world > 1:
-                flag_list = [stop]
+                flag_list = [stop, next_epoch]
                 torch.distributed.broadcast_object_list(flag_list, src=0)
-                stop = flag_list[0]
+                stop, next_epoch = flag_list
             if stop:
                 break
+            epoch = next_epoch
     if writer is not None:
         writer.close()
     cache.close()

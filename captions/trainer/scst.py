@@ -1,0 +1,69 @@
+"""Self-critical sequence training (Rennie et al. 2017): after cross-entropy training, sample
+captions from the decoder and raise the probability of those that score a higher CIDEr-D than
+the image's other samples (the mean of the others is the baseline, Luo 2020), so the model is
+trained on the metric it is judged by, with its own outputs as inputs (no exposure bias).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from captions.cider import CiderD
+from captions.pipeline.prepared import PreparedDataset
+from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
+from captions.trainer.models import CaptionDecoder
+
+
+def train_references(ds: PreparedDataset, image_ids: np.ndarray) -> CiderD:
+    """The CIDEr-D scorer of the rewards: each train image's reference captions, document
+    frequencies over the train split."""
+    return CiderD({int(i): ds.images[int(i)]["tokens"] for i in image_ids})
+
+
+def sample_captions(model: CaptionDecoder, feats: torch.Tensor, k: int, max_length: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``k`` captions per image, keeping the graph of their log-probabilities.
+
+    feats (M, C) or (M, P, C). Returns tokens (M * k, L) (each image's k samples consecutive,
+    ``<NULL>`` after ``<END>``, L <= max_length) and the log-probability of each sampled token
+    (M * k, L), zero after ``<END>``.
+    """
+    state = model.expand_state(model.init_state(feats), k)
+    n = feats.shape[0] * k
+    tokens = torch.full((n,), START_ID, dtype=torch.long, device=feats.device)
+    done = torch.zeros(n, dtype=torch.bool, device=feats.device)
+    seqs, logps = [], []
+    for _ in range(max_length):
+        logits, state, _ = model.step(tokens, state)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        tokens = tokens.masked_fill(done, NULL_ID)
+        seqs.append(tokens)
+        logps.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        done = done | (tokens == END_ID)
+        if bool(done.all()):
+            break
+    return torch.stack(seqs, dim=1), torch.stack(logps, dim=1)
+
+
+def self_critical_loss(model: CaptionDecoder, feats: torch.Tensor, image_ids: np.ndarray, cider: CiderD,
+                       idx_to_token: list[str], k: int, max_length: int) -> tuple[torch.Tensor, float]:
+    """The policy-gradient loss of ``k`` sampled captions per image and their mean reward.
+
+    feats (M, ...) of images ``image_ids`` (M,). Each sample's advantage is its CIDEr-D minus the
+    mean CIDEr-D of the image's other k - 1 samples; the loss is -advantage x log-probability,
+    averaged over the sampled tokens (``<END>`` included).
+    """
+    tokens, logps = sample_captions(model, feats, k, max_length)
+    rows = tokens.cpu().numpy()
+    rewards = np.empty(len(rows))
+    for r, (seq, image) in enumerate(zip(rows, np.repeat(image_ids, k), strict=True)):
+        words = [idx_to_token[t] for t in seq if t not in (END_ID, NULL_ID)]
+        rewards[r] = cider.score(int(image), words)
+    per_image = rewards.reshape(-1, k)
+    baseline = (per_image.sum(1, keepdims=True) - per_image) / max(k - 1, 1)
+    advantage = torch.from_numpy((per_image - baseline).reshape(-1)).to(logps)
+    mask = (tokens != NULL_ID).to(logps)
+    loss = -(advantage.unsqueeze(1) * logps * mask).sum() / mask.sum().clamp_min(1)
+    return loss, float(rewards.mean())
