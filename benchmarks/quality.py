@@ -9,7 +9,8 @@ best checkpoint (by val CIDEr) on val greedy and with beam 3 and 5 (``captions e
 and CIDEr. Everything is also written to WORK/quality.json.
 
 Usage: .venv/bin/python benchmarks/quality.py [--work /tmp/captions-quality]
-       [--models rnn,lstm,attn,attn-additive] [--sets ucm,viic] [--epochs N] [--beams 1,3,5] [--nn-k 5,10]
+       [--models rnn,lstm,attn,attn-additive] [--sets ucm,viic] [--epochs N] [--scst-epochs N]
+       [--beams 1,3,5] [--nn-k 5,10]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/captions-quality"))
     ap.add_argument("--epochs", type=int, default=None, help="default: captions train's default")
+    ap.add_argument("--scst-epochs", type=int, default=None, help="default: captions train's default")
     ap.add_argument("--models", default="rnn,lstm,attn,attn-additive")
     ap.add_argument("--sets", default="ucm,viic")
     ap.add_argument("--beams", default="1,3,5")
@@ -59,7 +61,9 @@ def main() -> None:
             cfg = TrainConfig(model=model.split("-")[0], **MODELS[model])
             if args.epochs:
                 cfg.epochs = args.epochs
-            run = args.work / "runs" / f"{name}-{model}-e{cfg.epochs}"
+            if args.scst_epochs is not None:
+                cfg.scst_epochs = args.scst_epochs
+            run = args.work / "runs" / f"{name}-{model}-e{cfg.epochs}-scst{cfg.scst_epochs}"
             t = time.perf_counter()
             result = train(data, cache, run, cfg, resume=True, progress=False)
             best = result["best"]

@@ -3,8 +3,8 @@
 The corpus metric comes from pycocoevalcap (``captions.metrics``); this is the same formula
 (1- to 4-grams, TF-IDF with document frequencies over images, clipped counts, Gaussian length
 penalty with sigma 6, x10) for when captions must be scored one by one against a corpus whose
-document frequencies are fixed: the rewards of self-critical training and the consensus of the
-retrieval baseline.
+document frequencies are fixed: the rewards of self-critical training. The retrieval baseline
+uses its n-gram counts and document frequencies.
 """
 
 from __future__ import annotations

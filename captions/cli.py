@@ -233,7 +233,7 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
                    "step (0: off).")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val CIDEr.")
-@click.option("--scst-epochs", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--scst-epochs", default=8, show_default=True, type=click.IntRange(0),
               help="Self-critical epochs after the cross-entropy ones: sample captions, reward them with "
                    "their CIDEr-D against the image's references (baseline: the image's other samples).")
 @click.option("--scst-lr", default=5e-5, show_default=True, type=float,

@@ -141,7 +141,8 @@ def run_demo(out: str | Path = "demo-output", options: DemoOptions | None = None
         shutil.rmtree(run)
     cfg = TrainConfig(model="attn", epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
                       embed_dim=opts.embed_dim, hidden_dim=opts.hidden_dim, dropout=opts.dropout,
-                      patience=opts.epochs, seed=opts.seed, device=opts.device, checkpoint_every=0)
+                      patience=opts.epochs, seed=opts.seed, device=opts.device, checkpoint_every=0,
+                      scst_epochs=0)  # the demo stays short: cross-entropy only
     with decoder_threads():
         trained = train(data, cache, run, cfg, progress=progress)
     times["train"] = time.perf_counter() - t

@@ -50,7 +50,7 @@ def run(tmp_path_factory):
             "--image-size", SIZE, "--dtype", "float32", "--workers", 0, "--batch-size", 16, "--quiet")
     assert r.exit_code == 0, r.output
     r = cli("train", "attn", "--data", data, "--features", feats, "--out", out, "--epochs", 2, "--batch-size", 32,
-            "--embed-dim", 16, "--hidden-dim", 32, "--lr", 3e-3, "--device", "cpu", "--quiet")
+            "--embed-dim", 16, "--hidden-dim", 32, "--lr", 3e-3, "--device", "cpu", "--scst-epochs", 0, "--quiet")
     assert r.exit_code == 0, r.output
     return {"root": root, "data": data, "feats": feats, "ckpt": out / "best.pt"}
 

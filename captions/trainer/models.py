@@ -5,7 +5,9 @@
   ``image_index[n]``, so whatever depends on the image alone is computed once per image.
 * step by step (decoding): ``init_state(feats) -> state``; ``step(tokens (B,), state) ->
   (logits (B, V), state, alpha (B, P) or None)``. ``state`` is a dict of batch-first tensors, so a
-  beam search reorders it with ``index_select(0, idx)``.
+  beam search reorders it with ``index_select(0, idx)``. ``expand_state(state, k)`` turns the
+  state of M images into that of k captions each; the entries named in ``image_keys`` stay one row
+  per image and ``step`` groups the captions over them.
 
 ``feats`` is the pooled feature (N, C) for ``rnn``/``lstm`` and the spatial feature (N, P, C) for
 ``attn`` (``uses_spatial`` says which).

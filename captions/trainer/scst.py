@@ -11,14 +11,19 @@ import torch
 
 from captions.cider import CiderD
 from captions.pipeline.prepared import PreparedDataset
-from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
+from captions.pipeline.vocab import END, END_ID, NULL_ID, START_ID
 from captions.trainer.models import CaptionDecoder
 
 
 def train_references(ds: PreparedDataset, image_ids: np.ndarray) -> CiderD:
     """The CIDEr-D scorer of the rewards: each train image's reference captions, document
-    frequencies over the train split."""
-    return CiderD({int(i): ds.images[int(i)]["tokens"] for i in image_ids})
+    frequencies over the train split.
+
+    References and samples end with an ``<END>`` word, so n-grams that end a caption are scored
+    as such: without it a caption cut off after "with some plants and" keeps most of the reward
+    of a finished one, and self-critical training learns such bad endings.
+    """
+    return CiderD({int(i): [[*toks, END] for toks in ds.images[int(i)]["tokens"]] for i in image_ids})
 
 
 def sample_captions(model: CaptionDecoder, feats: torch.Tensor, k: int, max_length: int
@@ -51,7 +56,8 @@ def self_critical_loss(model: CaptionDecoder, feats: torch.Tensor, image_ids: np
                        idx_to_token: list[str], k: int, max_length: int) -> tuple[torch.Tensor, float]:
     """The policy-gradient loss of ``k`` sampled captions per image and their mean reward.
 
-    feats (M, ...) of images ``image_ids`` (M,). Each sample's advantage is its CIDEr-D minus the
+    feats (M, ...) of images ``image_ids`` (M,); ``cider`` scores word lists ending with ``<END>``
+    when the sample has one (``train_references``). Each sample's advantage is its CIDEr-D minus the
     mean CIDEr-D of the image's other k - 1 samples; the loss is -advantage x log-probability,
     averaged over the sampled tokens (``<END>`` included).
     """
@@ -59,7 +65,7 @@ def self_critical_loss(model: CaptionDecoder, feats: torch.Tensor, image_ids: np
     rows = tokens.cpu().numpy()
     rewards = np.empty(len(rows))
     for r, (seq, image) in enumerate(zip(rows, np.repeat(image_ids, k), strict=True)):
-        words = [idx_to_token[t] for t in seq if t not in (END_ID, NULL_ID)]
+        words = [idx_to_token[t] for t in seq if t != NULL_ID]  # <END> included
         rewards[r] = cider.score(int(image), words)
     per_image = rewards.reshape(-1, k)
     baseline = (per_image.sum(1, keepdims=True) - per_image) / max(k - 1, 1)

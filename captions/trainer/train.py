@@ -56,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
     patience: int = 3
-    scst_epochs: int = 0  # self-critical epochs after the cross-entropy ones (0: none)
+    scst_epochs: int = 8  # self-critical epochs after the cross-entropy ones (0: none)
     scst_lr: float = 5e-5
     scst_samples: int = 5  # sampled captions per image
     seed: int = 0
@@ -224,7 +224,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                          "resume", last, ckpt["epoch"], ckpt["bad_epochs"])
                 cache.close()
                 return {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
-            old = TrainConfig.from_dict(ckpt["train_config"])
+            old = TrainConfig.from_dict({"scst_epochs": 0, **ckpt["train_config"]})  # runs from before SCST had none
             cfg = TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
         else:
             log.info("nothing to resume in %s; starting a new run", out)
