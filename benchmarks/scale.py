@@ -99,7 +99,8 @@ def run_slice(data: str, cache: str, budget_gb: float, steps: int) -> None:
         train(data, cache, Path(cache).parent / f"run-{budget_gb}", cfg, progress=False, step_callback=cb)
     except Done:
         pass
-    rate = (steps - 5) * cfg.batch_size / (time.perf_counter() - t["start"])
+    per_batch = cfg.batch_size // CAPS * CAPS  # batches hold whole images: 25 images x 5 captions
+    rate = (steps - 5) * per_batch / (time.perf_counter() - t["start"])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"budget_gb": budget_gb, "captions_per_s": rate, "peak_rss_gb": rss}))
 

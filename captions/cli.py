@@ -254,8 +254,11 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
     """Train an rnn, lstm or attn decoder from a feature cache (the CNN is never run).
 
-    After each epoch: val loss, greedy val BLEU-4 and CIDEr, early stopping on CIDEr. Ctrl-C
-    saves a checkpoint at the current step; '--resume' continues exactly from it. Under
+    --epochs of cross-entropy, then --scst-epochs of self-critical training (sampled captions
+    rewarded by their CIDEr-D) from the best checkpoint; self-critical epochs are numbered after
+    --epochs even when early stopping ended the first phase sooner. After each epoch: val loss,
+    greedy val BLEU-4 and CIDEr, early stopping on CIDEr (per phase). Ctrl-C saves a checkpoint at
+    the current step; '--resume' continues exactly from it. Under
     'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
     """
     from captions.trainer.train import TrainConfig, train
@@ -443,6 +446,9 @@ def _demo_default(name: str):
 @click.option("--hidden-dim", default=_demo_default("hidden_dim"), show_default=True, type=click.IntRange(1))
 @click.option("--embed-dim", default=_demo_default("embed_dim"), show_default=True, type=click.IntRange(1))
 @click.option("--dropout", default=_demo_default("dropout"), show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--scst-epochs", default=_demo_default("scst_epochs"), show_default=True, type=click.IntRange(0),
+              help="Self-critical epochs after the cross-entropy ones (see 'captions train').")
+@click.option("--scst-lr", default=_demo_default("scst_lr"), show_default=True, type=float)
 @click.option("--beam-size", default=_demo_default("beam_size"), show_default=True, type=click.IntRange(1))
 @click.option("--samples", default=_demo_default("samples"), show_default=True, type=click.IntRange(0),
               help="Test images captioned with attention maps.")
