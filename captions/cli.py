@@ -205,7 +205,8 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: best.pt, last.pt, metrics.jsonl.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1),
+              help="Most captions per batch; a batch holds whole images (all their captions).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (peak).")
 @click.option("--embed-dim", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--hidden-dim", default=512, show_default=True, type=click.IntRange(1))
