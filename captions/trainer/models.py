@@ -233,7 +233,8 @@ class AttentionDecoder(CaptionDecoder):
         """
         state = self.init_state(feats)
         x_gates = self.W_x(self.words(tokens))  # (N, T, 4H) in one matmul
-        live = (tokens != NULL_ID) & (tokens != END_ID)
+        targets = (tokens != NULL_ID) & (tokens != END_ID)  # the steps that predict a word or <END>
+        live = targets
         slots = None
         if image_index is not None:
             S, slots = caption_slots(image_index, feats.shape[0])
@@ -260,7 +261,7 @@ class AttentionDecoder(CaptionDecoder):
             hs_t, alphas_t = hs_t.index_select(0, slots), alphas_t.index_select(0, slots)
         # the output layer (and its dropout) only where there is a target
         N, T = tokens.shape
-        where = ((tokens != NULL_ID) & (tokens != END_ID)).flatten().nonzero().squeeze(1)
+        where = targets.flatten().nonzero().squeeze(1)
         logits = self.out(self.drop(hs_t.reshape(N * T, -1).index_select(0, where)))
         return logits.new_zeros(N * T, logits.shape[1]).index_copy(0, where, logits).view(N, T, -1), alphas_t
 

@@ -306,11 +306,13 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     writer = tensorboard_writer(out) if rank == 0 else None
 
+    max_len = int(ds.captions.shape[1] - 2)  # words per caption
+
     def checkpoint(epoch: int, step_in_epoch: int) -> dict[str, Any]:
         return {"model": cfg.model, "decoder_config": asdict(dcfg), "train_config": asdict(cfg),
                 "state_dict": shipped.state_dict(), "vocab": {"idx_to_token": ds.vocab.idx_to_token,
                                                            "hash": ds.vocab.hash},
-                "dataset_hash": ds.dataset_hash, "max_length": int(ds.captions.shape[1] - 2),
+                "dataset_hash": ds.dataset_hash, "max_length": max_len,
                 "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
@@ -334,7 +336,6 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                  best["CIDEr"], cfg.scst_lr)
 
     total_epochs = cfg.epochs + cfg.scst_epochs
-    max_len = int(ds.captions.shape[1] - 2)
     epoch, epochs_run = start_epoch, start_epoch
     model.train()
     with _StopFlag() as flag, retained_heap() if device.type == "cpu" else nullcontext():
