@@ -153,6 +153,32 @@ def test_captions_of_an_image_share_its_projected_features():
     torch.testing.assert_close(lstm(pooled, tokens, image_index=index)[0], lstm(pooled[index], tokens)[0])
 
 
+def test_word_gate_table_matches_the_per_token_product():
+    """On small vocabularies attn looks W_x x_t + b up per word: same values and same gradients as
+    projecting every token."""
+    torch.manual_seed(0)
+    model = build_decoder("attn", DecoderConfig(vocab_size=7, feature_dim=6, embed_dim=4, hidden_dim=8)).train()
+    tokens = torch.randint(1, 7, (4, 5))  # 20 tokens, 7 words: looked up
+    weight = torch.randn(4, 5, 32)
+    params, results = (model.embed.weight, model.W_x.weight, model.W_x.bias), []
+    for gates in (model.input_gates, lambda t: model.W_x(model.embed(t))):
+        model.zero_grad()
+        out = gates(tokens)
+        (out * weight).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in params])
+    for looked_up, projected in zip(*results, strict=True):
+        torch.testing.assert_close(looked_up, projected)
+
+
+def test_dropout_drops_its_share_and_keeps_the_mean():
+    torch.manual_seed(0)
+    drop = build_decoder("rnn", DecoderConfig(vocab_size=7, feature_dim=6, dropout=0.3)).drop.train()
+    y = drop(torch.ones(200, 500))
+    assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert torch.equal(drop.eval()(torch.ones(3, 4)), torch.ones(3, 4))
+
+
 def test_batches_hold_whole_images():
     rows = np.arange(40)
     img = np.repeat(np.arange(12), [5, 4, 3, 5, 2, 5, 1, 5, 3, 2, 4, 1])

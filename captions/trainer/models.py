@@ -32,6 +32,20 @@ def select_state(state: State, index: torch.Tensor) -> State:
     return {name: v.index_select(0, index) for name, v in state.items()}
 
 
+class MaskDropout(nn.Dropout):
+    """``nn.Dropout`` with its mask drawn by ``torch.rand``: on CPU that is 2x faster than the
+    ``bernoulli_`` behind ``F.dropout`` (forward and backward of a 1500 x 512 batch: 5.8 vs 13.8 ms
+    here), a visible share of a training step. Same module, same state_dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
 @dataclass
 class DecoderConfig:
     """Hyper-parameters shared by every decoder."""
@@ -56,8 +70,8 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=NULL_ID)
-        self.embed_drop = nn.Dropout(cfg.embed_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = MaskDropout(cfg.embed_dropout)
+        self.drop = MaskDropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 
     image_keys: tuple[str, ...] = ()  # state entries that depend on the image alone, never on the words
@@ -193,6 +207,20 @@ class AttentionDecoder(CaptionDecoder):
             state["A_att"] = self.att_f(A)  # (N, P, att)
         return state
 
+    def input_gates(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) -> W_x x_t + b (..., 4H), float32 when looked up.
+
+        When there are more tokens than words in the vocabulary (training batches on small
+        vocabularies) and no embedding dropout, W_x E + b is computed once for the whole vocabulary
+        (V, 4H) and looked up: one (V, E) x (E, 4H) product instead of an (N * T, E) one, forward
+        and backward (ucm: 583 words vs about 2,700 tokens per batch). The table is float32 so that
+        the gradients of frequent words accumulate in float32. ``<NULL>`` positions pass no
+        gradient back in that form; ``forward`` never runs a step on them.
+        """
+        if (self.training and self.embed_drop.p > 0) or tokens.numel() <= self.cfg.vocab_size:
+            return self.W_x(self.words(tokens))
+        return F.embedding(tokens, self.W_x(self.embed.weight).float(), padding_idx=NULL_ID)
+
     def _attend(self, h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
         """h (N, H) -> (context x_attn (N, H), attention weights (N, P)).
 
@@ -232,7 +260,7 @@ class AttentionDecoder(CaptionDecoder):
         ignores them: their targets are ``<NULL>``).
         """
         state = self.init_state(feats)
-        x_gates = self.W_x(self.words(tokens))  # (N, T, 4H) in one matmul
+        x_gates = self.input_gates(tokens)  # (N, T, 4H)
         targets = (tokens != NULL_ID) & (tokens != END_ID)  # the steps that predict a word or <END>
         live = targets
         slots = None
@@ -267,7 +295,7 @@ class AttentionDecoder(CaptionDecoder):
 
     def step(self, tokens: torch.Tensor, state: State):
         context, alpha = self._attend(state["h"], state)
-        h, c = self._lstm(self.W_x(self.words(tokens)), state["h"], state["c"], context)
+        h, c = self._lstm(self.input_gates(tokens), state["h"], state["c"], context)
         new = dict(state)
         new["h"], new["c"] = h, c
         return self.out(h), new, alpha
