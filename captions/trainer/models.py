@@ -172,7 +172,8 @@ class AttentionDecoder(CaptionDecoder):
     h0 and c0 are affine projections of the mean feature in both.
 
     Per batch, everything that does not depend on h is computed once (A, W_x x_t for all t (per
-    vocabulary word when that is cheaper, see ``input_gates``), and W_f A for additive); per step, W_h h and W_attn x_attn are one matrix product on [h, x_attn].
+    vocabulary word when that is cheaper, see ``input_gates``), and W_f A for additive); per step,
+    W_h h and W_attn x_attn are one matrix product on [h, x_attn].
     (Folding W_attn into A, i.e. precomputing A W_attn^T, would cost P x 4H per image: more than
     it saves whenever there are more positions than words.)
     """
