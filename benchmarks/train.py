@@ -33,7 +33,7 @@ from captions.pipeline.vocab import NULL_ID
 from captions.runtime import retained_heap
 from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
 from captions.trainer.models import DecoderConfig, build_decoder, caption_loss
-from captions.trainer.train import train_precision, trim
+from captions.trainer.train import caption_tokens, train_precision
 
 REPEATS = 3
 
@@ -136,10 +136,10 @@ def main() -> None:
 
         def from_cache(r, store=store):  # as captions train batches: each image once
             images, image_index = images_of_batch(ds.image_ids[r])
-            return store.gather(images), trim(torch.from_numpy(ds.captions[r]).long()), torch.from_numpy(image_index)
+            return store.gather(images), caption_tokens(ds, r), torch.from_numpy(image_index)
 
         def per_caption(r, store=store):  # as the tutorials: an image's features once per caption
-            return store.gather(ds.image_ids[r]), trim(torch.from_numpy(ds.captions[r]).long()), None
+            return store.gather(ds.image_ids[r]), caption_tokens(ds, r), None
 
         def end_to_end(r, spatial=ours.uses_spatial):
             x = torch.stack([preprocess_image(load_rgb(ds.image_path(int(i))), bb.preprocessing)
@@ -147,7 +147,7 @@ def main() -> None:
             with torch.no_grad():
                 fmap = cnn(normalize_batch(x, bb.preprocessing))
             feats = fmap.flatten(2).transpose(1, 2) if spatial else fmap.mean(dim=(2, 3))
-            return feats, trim(torch.from_numpy(ds.captions[r]).long()), None
+            return feats, caption_tokens(ds, r), None
 
         with retained_heap():  # as captions train runs
             fast = time_steps(ours, from_cache, batches, args.steps, amp_dtype)

@@ -167,7 +167,7 @@ def evaluate_split(model, ds: PreparedDataset, store: FeatureStore, split: str, 
     with torch.no_grad():
         for i in range(0, len(rows), cfg.eval_batch_size):
             r = rows[i : i + cfg.eval_batch_size]
-            caps = trim(torch.from_numpy(ds.captions[r]).long())
+            caps = caption_tokens(ds, r)
             feats = store.gather_sorted(ds.image_ids[r])
             logits, _ = model(feats, caps[:, :-1].to(device))
             total += float(caption_loss(logits, caps[:, 1:].to(device), cfg.loss)) * len(r)
@@ -184,8 +184,10 @@ def evaluate_split(model, ds: PreparedDataset, store: FeatureStore, split: str, 
             "CIDEr": scores.get("CIDEr", 0.0), "samples": [preds[i] for i in list(preds)[:3]]}
 
 
-def trim(caps: torch.Tensor) -> torch.Tensor:
-    """Drop the all-``<NULL>`` tail columns of a caption batch (N, T) -> (N, T')."""
+def caption_tokens(ds: PreparedDataset, rows: np.ndarray) -> torch.Tensor:
+    """Token ids of caption ``rows`` (N,) as a long tensor (N, T'), without the all-``<NULL>``
+    tail columns."""
+    caps = torch.from_numpy(ds.captions[rows]).long()
     longest = int((caps != NULL_ID).sum(dim=1).max())
     return caps[:, :longest]
 
@@ -365,7 +367,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                     rewards.append(reward)
                     seen += len(images) * cfg.scst_samples
                 else:
-                    caps = trim(torch.from_numpy(ds.captions[rows]).long()).to(device)
+                    caps = caption_tokens(ds, rows).to(device)
                     with amp:
                         logits, alphas = model(feats, caps[:, :-1],
                                                image_index=torch.from_numpy(image_index).to(device))
