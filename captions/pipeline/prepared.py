@@ -65,6 +65,11 @@ class PreparedDataset:
     def dataset_hash(self) -> str:
         return self.manifest["dataset_hash"]
 
+    @property
+    def max_words(self) -> int:
+        """Most words an encoded caption holds (its columns less ``<START>`` and ``<END>``)."""
+        return int(self.captions.shape[1] - 2)
+
     def image_path(self, image_id: int) -> Path:
         """Path of the resized JPEG of image ``image_id``."""
         return self.root / self.images[image_id]["file"]

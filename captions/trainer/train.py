@@ -161,7 +161,6 @@ def evaluate_split(model, ds: PreparedDataset, store: FeatureStore, split: str, 
                    device: torch.device, image_ids: np.ndarray, rows: np.ndarray) -> dict[str, float]:
     """Teacher-forced loss on ``rows`` and greedy BLEU-4 / CIDEr on ``image_ids`` of ``split``."""
     model.eval()
-    max_len = ds.captions.shape[1] - 2
     total, count = 0.0, 0
     preds: dict[int, str] = {}
     with torch.no_grad():
@@ -174,7 +173,7 @@ def evaluate_split(model, ds: PreparedDataset, store: FeatureStore, split: str, 
             count += len(r)
         for i in range(0, len(image_ids), cfg.eval_batch_size):
             ids = image_ids[i : i + cfg.eval_batch_size]
-            tokens, _, _ = greedy_decode(model, store.gather_sorted(ids), max_len + 1)
+            tokens, _, _ = greedy_decode(model, store.gather_sorted(ids), ds.max_words + 1)
             for img, text in zip(ids.tolist(), decode_captions(tokens.cpu(), ds.vocab), strict=True):
                 preds[img] = text
     refs = ds.references(split)
@@ -308,13 +307,11 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     writer = tensorboard_writer(out) if rank == 0 else None
 
-    max_len = int(ds.captions.shape[1] - 2)  # words per caption
-
     def checkpoint(epoch: int, step_in_epoch: int) -> dict[str, Any]:
         return {"model": cfg.model, "decoder_config": asdict(dcfg), "train_config": asdict(cfg),
                 "state_dict": shipped.state_dict(), "vocab": {"idx_to_token": ds.vocab.idx_to_token,
                                                            "hash": ds.vocab.hash},
-                "dataset_hash": ds.dataset_hash, "max_length": max_len,
+                "dataset_hash": ds.dataset_hash, "max_length": ds.max_words,
                 "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
@@ -363,7 +360,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 if scst:
                     with amp:
                         loss, reward = self_critical_loss(core, feats, images, cider, ds.vocab.idx_to_token,
-                                                          cfg.scst_samples, max_len + 1)
+                                                          cfg.scst_samples, ds.max_words + 1)
                     rewards.append(reward)
                     seen += len(images) * cfg.scst_samples
                 else:
