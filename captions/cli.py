@@ -204,7 +204,8 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
               help="Feature cache (from 'captions extract-features').")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: best.pt, last.pt, metrics.jsonl.")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1),
+              help="Cross-entropy epochs (the cosine schedule spans them).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1),
               help="Most captions per batch; a batch holds whole images (all their captions).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (peak).")
@@ -232,7 +233,7 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 @click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Evaluate and ship an exponential moving average of the weights with this decay per "
                    "step (0: off).")
-@click.option("--patience", default=3, show_default=True, type=click.IntRange(1),
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val CIDEr.")
 @click.option("--scst-epochs", default=8, show_default=True, type=click.IntRange(0),
               help="Self-critical epochs after the cross-entropy ones: sample captions, reward them with "

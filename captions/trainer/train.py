@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything ``captions train`` can be told; stored in every checkpoint."""
 
     model: str = "attn"
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     embed_dim: int = 256
@@ -55,7 +55,7 @@ class TrainConfig:
     schedule: str = "cosine"
     weight_decay: float = 0.0
     ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
-    patience: int = 3
+    patience: int = 5
     scst_epochs: int = 8  # self-critical epochs after the cross-entropy ones (0: none)
     scst_lr: float = 5e-5
     scst_samples: int = 5  # sampled captions per image
