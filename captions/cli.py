@@ -10,7 +10,13 @@ from pathlib import Path
 import click
 
 from captions import __version__
+from captions.demo import DemoOptions
 from captions.errors import CaptionsError
+from captions.trainer.config import TrainConfig
+
+# the defaults of 'captions train' and 'captions demo' are written once, in these dataclasses (their
+# modules import no torch, so --help stays fast); the options below show them
+_TRAIN, _DEMO = TrainConfig(), DemoOptions()
 
 
 class CaptionsGroup(click.Group):
@@ -204,53 +210,54 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
               help="Feature cache (from 'captions extract-features').")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: best.pt, last.pt, metrics.jsonl.")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1),
+@click.option("--epochs", default=_TRAIN.epochs, show_default=True, type=click.IntRange(1),
               help="Cross-entropy epochs (the cosine schedule spans them).")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1),
+@click.option("--batch-size", default=_TRAIN.batch_size, show_default=True, type=click.IntRange(1),
               help="Most captions per batch; a batch holds whole images (all their captions).")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (peak).")
-@click.option("--embed-dim", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--hidden-dim", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--attention", type=click.Choice(["dot", "additive"]), default="dot", show_default=True,
+@click.option("--lr", default=_TRAIN.lr, show_default=True, type=float, help="Adam learning rate (peak).")
+@click.option("--embed-dim", default=_TRAIN.embed_dim, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-dim", default=_TRAIN.hidden_dim, show_default=True, type=click.IntRange(1))
+@click.option("--attention", type=click.Choice(["dot", "additive"]), default=_TRAIN.attention, show_default=True,
               help="attn only: scaled dot-product, or Show-Attend-Tell additive with gate and regulariser.")
-@click.option("--attention-dim", default=256, show_default=True, type=click.IntRange(1),
+@click.option("--attention-dim", default=_TRAIN.attention_dim, show_default=True, type=click.IntRange(1),
               help="attn additive only: size of the attention MLP.")
-@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 0.95),
+@click.option("--dropout", default=_TRAIN.dropout, show_default=True, type=click.FloatRange(0, 0.95),
               help="Dropout before the output layer.")
-@click.option("--embed-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 0.95),
+@click.option("--embed-dropout", default=_TRAIN.embed_dropout, show_default=True, type=click.FloatRange(0, 0.95),
               help="Dropout on the word embeddings fed to the recurrent cell.")
 @click.option("--feature-as-input", is_flag=True,
               help="lstm only: feed the projected feature as the first input (Show and Tell) instead of h0/c0.")
-@click.option("--ds-lambda", default=1.0, show_default=True, type=float,
+@click.option("--ds-lambda", default=_TRAIN.ds_lambda, show_default=True, type=float,
               help="attn additive only: weight of the doubly stochastic attention regulariser.")
-@click.option("--loss", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+@click.option("--loss", type=click.Choice(["sum", "mean"]), default=_TRAIN.loss, show_default=True,
               help="sum: summed over time, averaged over the batch (classic); mean: per token.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+@click.option("--label-smoothing", default=_TRAIN.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5),
               help="Label smoothing of the training loss (val loss is reported without it).")
-@click.option("--grad-clip", default=5.0, show_default=True, type=float, help="Max gradient norm (0: off).")
-@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--grad-clip", default=_TRAIN.grad_clip, show_default=True, type=float,
+              help="Max gradient norm (0: off).")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default=_TRAIN.schedule, show_default=True)
+@click.option("--weight-decay", default=_TRAIN.weight_decay, show_default=True, type=float)
+@click.option("--ema", default=_TRAIN.ema, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Evaluate and ship an exponential moving average of the weights with this decay per "
                    "step (0: off).")
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(1),
+@click.option("--patience", default=_TRAIN.patience, show_default=True, type=click.IntRange(1),
               help="Early stopping: epochs without a better val CIDEr.")
-@click.option("--scst-epochs", default=8, show_default=True, type=click.IntRange(0),
+@click.option("--scst-epochs", default=_TRAIN.scst_epochs, show_default=True, type=click.IntRange(0),
               help="Self-critical epochs after the cross-entropy ones: sample captions, reward them with "
                    "their CIDEr-D against the image's references (baseline: the image's other samples).")
-@click.option("--scst-lr", default=5e-5, show_default=True, type=float,
+@click.option("--scst-lr", default=_TRAIN.scst_lr, show_default=True, type=float,
               help="Learning rate of the self-critical epochs (constant).")
-@click.option("--scst-samples", default=5, show_default=True, type=click.IntRange(2),
+@click.option("--scst-samples", default=_TRAIN.scst_samples, show_default=True, type=click.IntRange(2),
               help="Captions sampled per image in self-critical training.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=_TRAIN.seed, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=_TRAIN.precision, show_default=True,
               help="Decoder autocast. auto: bf16 on CUDA and on CPUs with native bf16 (about 2x faster), "
                    "else fp32. Weights, optimizer and loss stay fp32.")
-@click.option("--ram-budget-gb", default=4.0, show_default=True, type=float,
+@click.option("--ram-budget-gb", default=_TRAIN.ram_budget_gb, show_default=True, type=float,
               help="Keep features in RAM when they fit, else stream them from the HDF5 cache.")
-@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(0),
+@click.option("--checkpoint-every", default=_TRAIN.checkpoint_every, show_default=True, type=click.IntRange(0),
               help="Also save last.pt every N steps (0: only at epoch ends).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
@@ -263,7 +270,7 @@ def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
     the current step; '--resume' continues exactly from it. Under
     'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
     """
-    from captions.trainer.train import TrainConfig, train
+    from captions.trainer.train import train
 
     cfg = TrainConfig(model=model, **kwargs)
     result = train(data_dir, features, out, cfg, resume=resume, progress=not quiet)
@@ -421,38 +428,30 @@ def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_di
 
 
 # ------------------------------------------------------------------------------------------------- demo
-def _demo_default(name: str):
-    """A ``DemoOptions`` default, so that ``--help`` shows it (captions.demo imports no torch)."""
-    from captions.demo import DemoOptions
-
-    value = getattr(DemoOptions(), name)
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
-
-
 @main.command("demo")
 @click.option("--out", default=Path("demo-output"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="The demo's folder (created; a previous demo run there is replaced).")
-@click.option("--backbone", default=_demo_default("backbone"), show_default=True,
+@click.option("--backbone", default=_DEMO.backbone, show_default=True,
               help="CNN: any 'extract-features' backbone.")
-@click.option("--weights", default=_demo_default("weights"), show_default=True,
+@click.option("--weights", default=_DEMO.weights, show_default=True,
               help="auto: the library's pretrained weights when they can be had, else random initialisation; "
                    "default, none, or a state_dict PATH.")
-@click.option("--image-size", default=_demo_default("image_size"), show_default=True, type=click.IntRange(32),
+@click.option("--image-size", default=_DEMO.image_size, show_default=True, type=click.IntRange(32),
               help="Crop fed to the CNN.")
-@click.option("--num-images", default=_demo_default("num_images"), show_default=True,
+@click.option("--num-images", default=",".join(map(str, _DEMO.num_images)), show_default=True,
               help="train,val,test image counts.")
-@click.option("--epochs", default=_demo_default("epochs"), show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=_demo_default("batch_size"), show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=_demo_default("lr"), show_default=True, type=float,
+@click.option("--epochs", default=_DEMO.epochs, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=_DEMO.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=_DEMO.lr, show_default=True, type=float,
               help="Adam learning rate (peak, cosine schedule).")
-@click.option("--hidden-dim", default=_demo_default("hidden_dim"), show_default=True, type=click.IntRange(1))
-@click.option("--embed-dim", default=_demo_default("embed_dim"), show_default=True, type=click.IntRange(1))
-@click.option("--dropout", default=_demo_default("dropout"), show_default=True, type=click.FloatRange(0, 0.95))
-@click.option("--scst-epochs", default=_demo_default("scst_epochs"), show_default=True, type=click.IntRange(0),
+@click.option("--hidden-dim", default=_DEMO.hidden_dim, show_default=True, type=click.IntRange(1))
+@click.option("--embed-dim", default=_DEMO.embed_dim, show_default=True, type=click.IntRange(1))
+@click.option("--dropout", default=_DEMO.dropout, show_default=True, type=click.FloatRange(0, 0.95))
+@click.option("--scst-epochs", default=_DEMO.scst_epochs, show_default=True, type=click.IntRange(0),
               help="Self-critical epochs after the cross-entropy ones (see 'captions train').")
-@click.option("--scst-lr", default=_demo_default("scst_lr"), show_default=True, type=float)
-@click.option("--beam-size", default=_demo_default("beam_size"), show_default=True, type=click.IntRange(1))
-@click.option("--samples", default=_demo_default("samples"), show_default=True, type=click.IntRange(0),
+@click.option("--scst-lr", default=_DEMO.scst_lr, show_default=True, type=float)
+@click.option("--beam-size", default=_DEMO.beam_size, show_default=True, type=click.IntRange(1))
+@click.option("--samples", default=_DEMO.samples, show_default=True, type=click.IntRange(0),
               help="Test images captioned with attention maps.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data and training seed.")
@@ -464,7 +463,7 @@ def demo_cmd(out, num_images, quiet, **kwargs) -> None:
     the test split, captions a few test images with attention maps, and prints a short report
     (also in OUT/report.txt). About 2 minutes on 2 CPU cores.
     """
-    from captions.demo import DemoOptions, format_report, run_demo
+    from captions.demo import format_report, run_demo
 
     try:
         counts = tuple(int(x) for x in num_images.split(","))

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,50 +26,12 @@ from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.pipeline.vocab import NULL_ID, decode_captions
 from captions.runtime import resolve_device, resolve_precision, retained_heap
 from captions.trainer.checkpoint import feature_meta, load_checkpoint, save_checkpoint
+from captions.trainer.config import TrainConfig
 from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
 from captions.trainer.models import DecoderConfig, build_decoder, caption_loss, doubly_stochastic_penalty
 from captions.trainer.scst import self_critical_loss, train_references
 
 log = logging.getLogger("captions")
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``captions train`` can be told; stored in every checkpoint."""
-
-    model: str = "attn"
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attention: str = "dot"
-    attention_dim: int = 256
-    dropout: float = 0.5
-    embed_dropout: float = 0.0
-    feature_as_input: bool = False
-    ds_lambda: float = 1.0
-    loss: str = "sum"
-    label_smoothing: float = 0.1
-    grad_clip: float = 5.0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
-    patience: int = 5
-    scst_epochs: int = 8  # self-critical epochs after the cross-entropy ones (0: none)
-    scst_lr: float = 5e-5
-    scst_samples: int = 5  # sampled captions per image
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16: autocast of the decoder's matrix products
-    ram_budget_gb: float = 4.0
-    checkpoint_every: int = 500
-    eval_batch_size: int = 256
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
