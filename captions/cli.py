@@ -247,6 +247,9 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
                    "their CIDEr-D against the image's references (baseline: the image's other samples).")
 @click.option("--scst-lr", default=_TRAIN.scst_lr, show_default=True, type=float,
               help="Learning rate of the self-critical epochs (constant).")
+@click.option("--scst-start", type=click.Choice(["loss", "cider"]), default=_TRAIN.scst_start, show_default=True,
+              help="Self-critical training starts from the cross-entropy epoch of the best val CIDEr "
+                   "(best.pt) or of the lowest val loss (kept as scst_start.pt).")
 @click.option("--scst-samples", default=_TRAIN.scst_samples, show_default=True, type=click.IntRange(2),
               help="Captions sampled per image in self-critical training.")
 @click.option("--seed", default=_TRAIN.seed, show_default=True, type=int)
@@ -264,11 +267,11 @@ def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
     """Train an rnn, lstm or attn decoder from a feature cache (the CNN is never run).
 
     --epochs of cross-entropy, then --scst-epochs of self-critical training (sampled captions
-    rewarded by their CIDEr-D) from the best checkpoint; self-critical epochs are numbered after
-    --epochs even when early stopping ended the first phase sooner. After each epoch: val loss,
-    greedy val BLEU-4 and CIDEr, early stopping on CIDEr (per phase). Ctrl-C saves a checkpoint at
-    the current step; '--resume' continues exactly from it. Under
-    'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
+    rewarded by their CIDEr-D) from the cross-entropy epoch of the lowest val loss (--scst-start);
+    self-critical epochs are numbered after --epochs even when early stopping ended the first
+    phase sooner. After each epoch: val loss, greedy val BLEU-4 and CIDEr, early stopping on CIDEr
+    (per phase). Ctrl-C saves a checkpoint at the current step; '--resume' continues exactly from
+    it. Under 'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
     """
     from captions.trainer.train import train
 

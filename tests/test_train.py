@@ -104,6 +104,25 @@ def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
     assert again["epochs_run"] == 2 and len(read_metrics(tmp_path / "run")) == 2
 
 
+@pytest.mark.parametrize("start", ["cider", "loss"])
+def test_self_critical_training_starts_from_the_chosen_cross_entropy_epoch(tmp_path, synth, start):
+    """--scst-start cider: from best.pt (best val CIDEr); loss: from scst_start.pt, the epoch of the
+    lowest cross-entropy val loss."""
+    data, cache = synth
+    # scst_lr 1e-12: after the self-critical epoch the weights are still those it started from
+    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 4, "scst_epochs": 1}, scst_lr=1e-12, scst_start=start)
+    run = tmp_path / start
+    train(data, cache, run, cfg, progress=False)
+    rows = read_metrics(run)[:4]
+    source = load_checkpoint(run / ("best.pt" if start == "cider" else "scst_start.pt"))
+    if start == "loss":
+        assert source["lowest_val_loss"][0] == min(rows, key=lambda r: r["val_loss"])["epoch"]
+    else:
+        assert not (run / "scst_start.pt").exists()
+    after = load_checkpoint(run / "last.pt")["state_dict"]
+    assert all(torch.allclose(after[k], source["state_dict"][k], atol=1e-6) for k in after)
+
+
 def test_loss_ignores_null_and_has_both_reductions():
     logits = torch.zeros(2, 3, 5)
     targets = torch.tensor([[4, 2, NULL_ID], [4, NULL_ID, NULL_ID]])

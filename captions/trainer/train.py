@@ -33,6 +33,8 @@ from captions.trainer.scst import self_critical_loss, train_references
 
 log = logging.getLogger("captions")
 
+SCST_START = "scst_start.pt"  # the run's weights at its lowest cross-entropy val loss (scst_start="loss")
+
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
     """Multiplier of the base learning rate at ``step`` of ``total``: cosine decays to 5 %, step
@@ -165,6 +167,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     from tqdm import tqdm
 
     cfg = cfg or TrainConfig()
+    if cfg.scst_start not in ("cider", "loss"):
+        raise CaptionsError(f"unknown scst_start '{cfg.scst_start}' (cider or loss)")
     out = Path(out_dir)
     ds = load_prepared(data_dir)
     cache = FeatureCache(features)
@@ -187,7 +191,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                          "resume", last, ckpt["epoch"], ckpt["bad_epochs"])
                 cache.close()
                 return {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
-            old = TrainConfig.from_dict({"scst_epochs": 0, **ckpt["train_config"]})  # runs from before SCST had none
+            # settings a run from an older version lacks take the behaviour it was started with
+            old = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
             cfg = TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
         else:
             log.info("nothing to resume in %s; starting a new run", out)
@@ -247,12 +252,14 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     cider = None  # the CIDEr-D rewards of self-critical training, built when it starts
 
     start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
+    lowest = [-1, math.inf]  # the cross-entropy epoch of the lowest val loss, and that loss
     if ckpt is not None:
         core.load_state_dict(ckpt.get("train_state_dict", ckpt["state_dict"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
         best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
+        lowest = list(ckpt.get("lowest_val_loss", lowest))
         scst_from[0] = ckpt.get("scst_from")
         set_rng_state(ckpt["rng"])
         if ema is not None:
@@ -277,15 +284,17 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 "features": feature_meta(cache.metadata), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": int(scheduler.last_epoch), "rng": rng_state(), "best": dict(best),
-                "bad_epochs": bad_epochs, "scst_from": scst_from[0],
+                "bad_epochs": bad_epochs, "lowest_val_loss": list(lowest), "scst_from": scst_from[0],
                 **({"train_state_dict": core.state_dict(), "ema_n_averaged": int(ema.n_averaged)}
                    if ema is not None else {})}
 
     def start_self_critical() -> None:
-        """Continue from the best cross-entropy weights, with fresh Adam moments (the policy
-        gradient has another scale) and the constant self-critical learning rate."""
-        if (out / "best.pt").exists():
-            weights = load_checkpoint(out / "best.pt")["state_dict"]
+        """Continue from the cross-entropy epoch of the best val CIDEr (``scst_start="cider"``) or
+        of the lowest val loss (``"loss"``), with fresh Adam moments (the policy gradient has
+        another scale) and the constant self-critical learning rate."""
+        source = out / ("best.pt" if cfg.scst_start == "cider" else SCST_START)
+        if source.exists():
+            weights = load_checkpoint(source)["state_dict"]
             core.load_state_dict(weights)
             if ema is not None:
                 ema.module.load_state_dict(weights)
@@ -293,8 +302,12 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         scst_from[0] = int(scheduler.last_epoch)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base * lr_lambda(scst_from[0])
-        log.info("self-critical training from the best epoch (%d, val CIDEr %.4f), lr %g", best["epoch"],
-                 best["CIDEr"], cfg.scst_lr)
+        if cfg.scst_start == "cider":
+            log.info("self-critical training from the best epoch (%d, val CIDEr %.4f), lr %g", best["epoch"],
+                     best["CIDEr"], cfg.scst_lr)
+        else:
+            log.info("self-critical training from the epoch of the lowest val loss (%d, %.4f), lr %g",
+                     lowest[0], lowest[1], cfg.scst_lr)
 
     total_epochs = cfg.epochs + cfg.scst_epochs
     epoch, epochs_run = start_epoch, start_epoch
@@ -382,10 +395,15 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                 stop = len(val_ids) > 0 and bad_epochs >= cfg.patience
                 if not scst and (stop or next_epoch == cfg.epochs) and cfg.scst_epochs > 0:
                     next_epoch, stop, bad_epochs = cfg.epochs, False, 0  # on to self-critical training
+                lower = not scst and len(val_ids) > 0 and row["val_loss"] < lowest[1]
+                if lower:
+                    lowest[:] = [epoch + 1, row["val_loss"]]
                 ck = {**checkpoint(next_epoch, 0), "early_stopped": stop}
                 save_checkpoint(last, ck)
                 if improved:
                     save_checkpoint(out / "best.pt", ck)
+                if lower and cfg.scst_epochs > 0 and cfg.scst_start == "loss":
+                    save_checkpoint(out / SCST_START, ck)
                 samples = row.pop("samples", [])
                 with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
