@@ -19,6 +19,29 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def _scorer_inputs(references: dict[int, list[str]], predictions: dict[int, str]
+                   ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """pycocoevalcap's inputs for the predicted images that have references (empty captions
+    become a placeholder word: the scorers reject empty strings)."""
+    ids = [i for i in predictions if i in references]
+    gts = {i: [r if r.strip() else "<empty>" for r in references[i]] for i in ids}
+    res = {i: [predictions[i] if predictions[i].strip() else "<empty>"] for i in ids}
+    return gts, res
+
+
+def per_image_cider(references: dict[int, list[str]], predictions: dict[int, str]) -> dict[int, float]:
+    """CIDEr of each predicted image (id -> score), with the document frequencies of the whole
+    set, so that their mean is ``score_captions(...)["CIDEr"]``; for paired comparisons of runs."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _scorer_inputs(references, predictions)
+    if not gts:
+        return {}
+    _, scores = Cider().compute_score(gts, res)
+    # compute_score walks the images in the order of gts' keys
+    return {i: float(v) for i, v in zip(gts, scores, strict=True)}
+
+
 def score_captions(references: dict[int, list[str]], predictions: dict[int, str],
                    metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")) -> dict[str, float]:
     """Corpus scores of ``predictions`` (image id -> caption) against ``references`` (id -> captions).
@@ -27,11 +50,9 @@ def score_captions(references: dict[int, list[str]], predictions: dict[int, str]
     with one warning per process, when ``java`` is not on PATH.
     """
     global _warned_java
-    ids = [i for i in predictions if i in references]
-    if not ids:
+    gts, res = _scorer_inputs(references, predictions)
+    if not gts:
         return {}
-    gts = {i: [r if r.strip() else "<empty>" for r in references[i]] for i in ids}
-    res = {i: [predictions[i] if predictions[i].strip() else "<empty>"] for i in ids}
     out: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
         if "bleu" in metrics:
