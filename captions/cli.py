@@ -248,8 +248,8 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 @click.option("--scst-lr", default=_TRAIN.scst_lr, show_default=True, type=float,
               help="Learning rate of the self-critical epochs (constant).")
 @click.option("--scst-start", type=click.Choice(["loss", "cider"]), default=_TRAIN.scst_start, show_default=True,
-              help="Self-critical training starts from the cross-entropy epoch of the best val CIDEr "
-                   "(best.pt) or of the lowest val loss (kept as scst_start.pt).")
+              help="The cross-entropy epoch self-critical training starts from. loss: the lowest val "
+                   "loss (kept as scst_start.pt); cider: the best greedy val CIDEr (best.pt).")
 @click.option("--scst-samples", default=_TRAIN.scst_samples, show_default=True, type=click.IntRange(2),
               help="Captions sampled per image in self-critical training.")
 @click.option("--seed", default=_TRAIN.seed, show_default=True, type=int)
