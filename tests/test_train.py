@@ -105,6 +105,21 @@ def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
 
 
 @pytest.mark.parametrize("start", ["cider", "loss"])
+def test_a_dataset_without_val_split_trains_through_self_critical_epochs(tmp_path, start):
+    """No val split: nothing to choose the self-critical start by; training goes on from the last
+    cross-entropy epoch instead of failing when self-critical training starts."""
+    prepare_synthetic(tmp_path / "prep", 24, 0, 4, workers=1, progress=False,
+                      options=PrepareOptions(min_count=1, image_size=64))
+    cache = extract_features(tmp_path / "prep", tmp_path / "f.h5",
+                             ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
+                             progress=False)
+    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 1, "scst_epochs": 1}, scst_start=start)
+    result = train(tmp_path / "prep", cache, tmp_path / "run", cfg, progress=False)
+    assert result["epochs_run"] == 2
+    assert [r["phase"] for r in read_metrics(tmp_path / "run")] == ["cross-entropy", "self-critical"]
+
+
+@pytest.mark.parametrize("start", ["cider", "loss"])
 def test_self_critical_training_starts_from_the_chosen_cross_entropy_epoch(tmp_path, synth, start):
     """--scst-start cider: from best.pt (best val CIDEr); loss: from scst_start.pt, the epoch of the
     lowest cross-entropy val loss."""

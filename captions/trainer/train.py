@@ -302,12 +302,13 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
         scst_from[0] = int(scheduler.last_epoch)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base * lr_lambda(scst_from[0])
-        if cfg.scst_start == "cider":
-            log.info("self-critical training from the best epoch (%d, val CIDEr %.4f), lr %g", best["epoch"],
-                     best["CIDEr"], cfg.scst_lr)
+        if not len(val_ids):  # nothing to choose by: best.pt, when it is read, holds the last epoch
+            start = "the last cross-entropy epoch (no val split)"
+        elif cfg.scst_start == "cider":
+            start = f"the best epoch ({best['epoch']}, val CIDEr {best['CIDEr']:.4f})"
         else:
-            log.info("self-critical training from the epoch of the lowest val loss (%d, %.4f), lr %g",
-                     lowest[0], lowest[1], cfg.scst_lr)
+            start = f"the epoch of the lowest val loss ({lowest[0]}, {lowest[1]:.4f})"
+        log.info("self-critical training from %s, lr %g", start, cfg.scst_lr)
 
     total_epochs = cfg.epochs + cfg.scst_epochs
     epoch, epochs_run = start_epoch, start_epoch
