@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 
+from captions.fsutil import read_json
 from captions.metrics import per_image_cider
 from captions.pipeline.prepared import load_prepared
 
@@ -45,7 +45,7 @@ def main() -> None:
     scores: dict[str, dict[int, float]] = {}
     for spec in args.runs:
         name, path = spec.split("=", 1)
-        preds = {int(d["image_id"]): d["caption"] for d in json.loads(Path(path).read_text(encoding="utf-8"))}
+        preds = {int(d["image_id"]): d["caption"] for d in read_json(path)}
         scores[name] = per_image_cider(refs, preds)
         print(f"{name}: CIDEr {np.mean(list(scores[name].values())):.3f} over {len(scores[name])} images")
     print("\n| A − B | difference | 95 % interval | A ahead in |\n|---|---|---|---|")
