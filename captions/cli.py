@@ -228,7 +228,8 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 @click.option("--feature-as-input", is_flag=True,
               help="lstm only: feed the projected feature as the first input (Show and Tell) instead of h0/c0.")
 @click.option("--ds-lambda", default=_TRAIN.ds_lambda, show_default=True, type=float,
-              help="attn additive only: weight of the doubly stochastic attention regulariser.")
+              help="attn additive only: weight of the doubly stochastic attention regulariser "
+                   "(Σ over positions of (1 − Σ_t α)², added to the summed caption loss).")
 @click.option("--loss", type=click.Choice(["sum", "mean"]), default=_TRAIN.loss, show_default=True,
               help="sum: summed over time, averaged over the batch (classic); mean: per token.")
 @click.option("--label-smoothing", default=_TRAIN.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5),
