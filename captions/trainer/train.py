@@ -201,7 +201,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                             out)
 
     device = resolve_device(cfg.device)
-    if world > 1 and not torch.distributed.is_initialized():
+    owns_group = world > 1 and not torch.distributed.is_initialized()
+    if owns_group:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -429,6 +430,11 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     if writer is not None:
         writer.close()
     cache.close()
+    if owns_group:
+        # left to interpreter exit, gloo's worker threads can abort the process (SIGABRT, "terminate
+        # called without an active exception", pytorch#190489) after a finished run; only on success,
+        # since destroying while another rank is still in a collective would hang
+        torch.distributed.destroy_process_group()
     return {"best": best, "epochs_run": epochs_run, "out": str(out)}
 
 
