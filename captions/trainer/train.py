@@ -163,6 +163,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     Writes ``out_dir/last.pt`` (every ``checkpoint_every`` steps and each epoch), ``best.pt``
     (best val CIDEr) and ``metrics.jsonl``. ``resume`` continues from ``last.pt`` exactly where
     it stopped. Returns {"best": {...}, "epochs_run": n, "out": path}.
+    Under torchrun (WORLD_SIZE > 1) it joins the process group, creating it if none exists yet;
+    one it created is destroyed when training finishes.
     """
     from tqdm import tqdm
 
