@@ -12,11 +12,10 @@ REFS = {0: ["a red car on the road", "a car parked on a road", "red car near tre
 def test_one_caption_cider_d_matches_pycocoevalcap():
     """The self-critical reward is the evaluation metric: scored one caption at a time against the
     same corpus, its mean equals pycocoevalcap's corpus CIDEr."""
-    refs = REFS
     preds = {0: "a red car on a road", 1: "a boat on the water water", 2: "a dog on the grass", 3: "a car"}
-    cider = CiderD({i: [r.split() for r in rs] for i, rs in refs.items()})
+    cider = CiderD({i: [r.split() for r in rs] for i, rs in REFS.items()})
     mine = sum(cider.score(i, p.split()) for i, p in preds.items()) / len(preds)
-    assert mine == pytest.approx(score_captions(refs, preds, metrics=("cider",))["CIDEr"], rel=1e-9)
+    assert mine == pytest.approx(score_captions(REFS, preds, metrics=("cider",))["CIDEr"], rel=1e-9)
     assert cider.score(0, "a red car on the road".split()) > cider.score(0, "a red car on the".split())
 
 

@@ -38,7 +38,7 @@ class TrainConfig:
     scst_epochs: int = 8  # self-critical epochs after the cross-entropy ones (0: none)
     scst_lr: float = 5e-5
     scst_start: str = "loss"  # loss | cider: self-critical training starts from the cross-entropy epoch
-    # of the best val CIDEr or of the lowest val loss
+    # of the lowest val loss or of the best val CIDEr
     scst_samples: int = 5  # sampled captions per image
     seed: int = 0
     device: str = "auto"

@@ -255,14 +255,14 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     cider = None  # the CIDEr-D rewards of self-critical training, built when it starts
 
     start_epoch, start_step, best, bad_epochs = 0, 0, {"CIDEr": -1.0, "epoch": -1}, 0
-    lowest = [-1, math.inf]  # the cross-entropy epoch of the lowest val loss, and that loss
+    lowest = (-1, math.inf)  # the cross-entropy epoch of the lowest val loss, and that loss
     if ckpt is not None:
         core.load_state_dict(ckpt.get("train_state_dict", ckpt["state_dict"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
         best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
-        lowest = list(ckpt.get("lowest_val_loss", lowest))
+        lowest = tuple(ckpt.get("lowest_val_loss", lowest))
         scst_from[0] = ckpt.get("scst_from")
         set_rng_state(ckpt["rng"])
         if ema is not None:
@@ -401,7 +401,7 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
                     next_epoch, stop, bad_epochs = cfg.epochs, False, 0  # on to self-critical training
                 lower = not scst and len(val_ids) > 0 and row["val_loss"] < lowest[1]
                 if lower:
-                    lowest[:] = [epoch + 1, row["val_loss"]]
+                    lowest = (epoch + 1, row["val_loss"])
                 ck = {**checkpoint(next_epoch, 0), "early_stopped": stop}
                 save_checkpoint(last, ck)
                 if improved:
