@@ -35,13 +35,13 @@ import torch
 from captions.features.backbones import build_backbone
 from captions.features.extract import (
     ExtractOptions,
-    FeatureForward,
     extract_features,
     load_crops,
     plan_batches,
     plan_lanes,
     run_lanes,
 )
+from captions.features.forward import FeatureForward
 from captions.pipeline.prepare import PrepareOptions, prepare
 from captions.pipeline.prepared import load_prepared
 from captions.runtime import resolve_precision, retained_heap

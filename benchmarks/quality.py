@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from captions.baseline import evaluate_nn
-from captions.evaluate import METRIC_ORDER, evaluate_checkpoint
+from captions.evaluation import METRIC_ORDER, evaluate_checkpoint
 from captions.features.extract import ExtractOptions, extract_features
 from captions.pipeline.prepare import prepare
 from captions.trainer.train import TrainConfig, train
@@ -58,7 +58,7 @@ def main() -> None:
         cache = extract_features(data, None, ExtractOptions(backbone="timm/tf_efficientnet_lite0",
                                                             weights=str(weights)), progress=False)
         for model in args.models.split(","):
-            cfg = TrainConfig(model=model.split("-")[0], **MODELS[model])
+            cfg = TrainConfig.from_dict({"model": model.split("-")[0], **MODELS[model]})
             if args.epochs:
                 cfg.epochs = args.epochs
             if args.scst_epochs is not None:

@@ -27,13 +27,15 @@ from torch import nn
 from captions.features.backbones import build_backbone
 from captions.features.cache import FeatureCache
 from captions.features.preprocess import normalize_batch, preprocess_image
+from captions.models.base import caption_loss
+from captions.models.checkpoint import build_decoder
+from captions.models.registry import DecoderConfig, decoder_config
 from captions.pipeline.prepared import load_prepared
 from captions.pipeline.resize import load_rgb
 from captions.pipeline.vocab import NULL_ID
 from captions.runtime import retained_heap
-from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
-from captions.trainer.models import DecoderConfig, build_decoder, caption_loss
-from captions.trainer.train import caption_tokens, train_precision
+from captions.trainer.control import train_precision
+from captions.trainer.data import FeatureStore, caption_tokens, epoch_batches, images_of_batch
 
 REPEATS = 3
 
@@ -130,7 +132,7 @@ def main() -> None:
     bb = build_backbone(cache.metadata["backbone"], args.weights, int(cache.metadata["image_size"]))
     cnn = bb.module.eval()
     for kind in ("rnn", "lstm", "attn"):
-        cfg = DecoderConfig(vocab_size=len(ds.vocab), feature_dim=cache.channels)
+        cfg = decoder_config(kind, vocab_size=len(ds.vocab), feature_dim=cache.channels)
         ours = build_decoder(kind, cfg).train()
         store = FeatureStore(cache, ours.uses_spatial, 8 * 2**30, torch.device("cpu"))
 

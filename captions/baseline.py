@@ -18,17 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from captions.cider import document_frequencies, ngram_counts
+from captions.cider import document_frequencies, ngram_counts, tfidf
 from captions.features.cache import FeatureCache
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 
 
 def tfidf_vectors(captions: list[list[str]], doc_freq: Counter, n_docs: int) -> list[dict]:
-    """Unit-norm TF-IDF vectors (dict n-gram -> weight) of tokenized captions."""
+    """Unit-norm TF-IDF vectors (dict n-gram -> weight) of tokenized captions.
+
+    The weights are CIDEr-D's (``captions.cider.tfidf``) over all 1- to 4-grams at once; a caption
+    whose weights are all zero keeps a zero vector.
+    """
     out = []
     for toks in captions:
-        counts = ngram_counts(toks)
-        vec = {g: c * math.log(max(1.0, n_docs) / max(1.0, doc_freq.get(g, 0.0))) for g, c in counts.items()}
+        vec = tfidf(ngram_counts(toks), doc_freq, n_docs)
         norm = math.sqrt(sum(v * v for v in vec.values())) or 1.0
         out.append({g: v / norm for g, v in vec.items()})
     return out
@@ -87,7 +90,7 @@ def evaluate_nn(data_dir: str | os.PathLike, features: str | os.PathLike, split:
     metrics, ...).
     """
     from captions.errors import CaptionsError
-    from captions.evaluate import score_and_write
+    from captions.evaluation import score_and_write
 
     if k < 1:
         raise CaptionsError(f"k must be at least 1, got {k}")

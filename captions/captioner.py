@@ -13,23 +13,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from captions.decoding import decode
 from captions.errors import CaptionsError
-from captions.features.backbones import Backbone, Preprocessing, build_backbone
-from captions.features.extract import fuse_for_inference
-from captions.features.preprocess import normalize_batch, preprocess_image
+from captions.features.backbones import Backbone, Preprocessing, build_backbone, spatial_shape_of
+from captions.features.forward import FeatureForward, pooled_and_spatial
+from captions.features.preprocess import preprocess_image
+from captions.features.spec import FeatureSpec
 from captions.fsutil import sha256_file
+from captions.generation import decode
+from captions.models.checkpoint import LoadedDecoder, load_decoder
 from captions.pipeline.resize import load_rgb, to_rgb
-from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
+from captions.pipeline.vocab import caption_words
 from captions.runtime import resolve_device, resolve_precision
-from captions.trainer.checkpoint import load_checkpoint
-from captions.trainer.models import CaptionDecoder, DecoderConfig, build_decoder
 
 log = logging.getLogger("captions")
 
@@ -54,43 +53,6 @@ class CaptionResult:
     attention: np.ndarray | None = None
     crop: Image.Image | None = None
     error: str | None = None
-
-
-@dataclass
-class LoadedDecoder:
-    """A checkpoint's decoder in eval mode with what decoding needs."""
-
-    model: CaptionDecoder
-    idx_to_token: list[str]
-    max_length: int  # words; decoding runs max_length + 1 steps (the last one for <END>)
-    checkpoint: dict[str, Any]
-
-
-def load_decoder(path: str | os.PathLike, device: torch.device) -> LoadedDecoder:
-    """Load a checkpoint (``weights_only``) and rebuild its decoder on ``device`` in eval mode."""
-    ckpt = load_checkpoint(path)
-    try:
-        model = build_decoder(ckpt["model"], DecoderConfig(**ckpt["decoder_config"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CaptionsError(f"checkpoint does not describe a usable decoder ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
-    model.to(device).eval()
-    return LoadedDecoder(model, list(ckpt["vocab"]["idx_to_token"]), int(ckpt["max_length"]), ckpt)
-
-
-def generated_words(tokens: Sequence[int], idx_to_token: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Generated words of one token row (stops at ``<END>``, drops ``<NULL>``/``<START>``) and the
-    decoding step of each word (its attention map's index). Same words as ``decode_captions``."""
-    words, steps = [], []
-    for t, tok in enumerate(tokens):
-        if tok == END_ID:
-            break
-        if tok in (NULL_ID, START_ID):
-            continue
-        words.append(idx_to_token[tok])
-        steps.append(t)
-    return words, steps
 
 
 def backbone_weights_arg(identity: str, weights: str | os.PathLike | None) -> str:
@@ -141,10 +103,11 @@ class Captioner:
         self.preprocessing = preprocessing
         self.spatial_shape = spatial_shape
         self.device = device
-        self.amp_dtype = amp_dtype
         self.feature_dtype = feature_dtype
-        module = fuse_for_inference(backbone.module).to(device)
-        self.cnn = module.to(memory_format=torch.channels_last)  # as at extraction
+        # the extraction forward itself (folded BatchNorms, channels_last, autocast), normalising
+        # with the checkpoint's recorded preprocessing
+        self.forward = FeatureForward(backbone, device, channels_last=True, amp_dtype=amp_dtype)
+        self.forward.preprocessing = preprocessing
 
     @property
     def has_attention(self) -> bool:
@@ -162,51 +125,33 @@ class Captioner:
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dec = load_decoder(path, dev)
-        meta = dec.checkpoint.get("features") or {}
-        missing = [k for k in ("backbone", "weights", "image_size", "preprocessing", "spatial_shape", "channels")
-                   if meta.get(k) is None]
-        if missing:
-            raise CaptionsError(f"checkpoint records no {', '.join(missing)} of its features' backbone", path)
-        arg = backbone_weights_arg(str(meta["weights"]), weights)
-        size = int(meta["image_size"])
-        bb = build_backbone(meta["backbone"], arg, size)  # "none" is seeded: the same random weights as at extraction
-        if bb.weights != meta["weights"]:
-            raise CaptionsError(f"backbone {meta['backbone']} now loads weights {bb.weights}, but the checkpoint's "
-                                f"features came from {meta['weights']}; use the library version it was trained with",
-                                path)
-        recorded = dict(meta["preprocessing"])
+        spec = FeatureSpec.from_dict(dec.checkpoint.get("features") or {}, path=path)
+        bb = build_backbone(spec.backbone, backbone_weights_arg(spec.weights, weights), spec.image_size)
+        recorded = spec.preprocessing  # "none" above is seeded: the same random weights as at extraction
         prep = Preprocessing(resize=int(recorded["resize"]), crop=int(recorded["crop"]),
                              mean=tuple(recorded["mean"]), std=tuple(recorded["std"]),
                              interpolation=str(recorded["interpolation"]))
         if prep != bb.preprocessing:
             log.warning("using the checkpoint's recorded preprocessing %s (the backbone's default now is %s)",
                         prep.to_dict(), bb.preprocessing.to_dict())
-        with torch.inference_mode():
-            probe = bb.module(torch.zeros(1, 3, prep.crop, prep.crop))
-        shape = (int(probe.shape[2]), int(probe.shape[3]))
-        if int(probe.shape[1]) != int(meta["channels"]) or list(shape) != [int(v) for v in meta["spatial_shape"]]:
-            raise CaptionsError(f"backbone {meta['backbone']} gives {int(probe.shape[1])} x {shape[0]} x {shape[1]} "
-                                f"features, the checkpoint expects {meta['channels']} x "
-                                f"{' x '.join(map(str, meta['spatial_shape']))}", path)
-        amp = resolve_precision(precision or meta.get("precision") or "auto", dev)
-        fdtype = torch.float16 if meta.get("dtype") == "float16" else torch.float32
+        shape = spatial_shape_of(bb, prep.crop)
+        rebuilt = FeatureSpec(backbone=bb.name, weights=bb.weights, image_size=spec.image_size,
+                              preprocessing=prep.to_dict(), dtype=spec.dtype, precision=spec.precision,
+                              spatial_shape=shape, channels=bb.channels)
+        spec.require_compatible(rebuilt, FeatureSpec.DECODER_KEYS, path=path,
+                                what=f"backbone {spec.backbone} as built now differs from the one the checkpoint's "
+                                     f"features came from (checkpoint vs now); use the library version it was "
+                                     f"trained with")
+        amp = resolve_precision(precision or spec.precision or "auto", dev)
+        fdtype = torch.float16 if spec.dtype == "float16" else torch.float32
         return cls(dec, bb, prep, shape, dev, amp, fdtype)
 
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 crops (N, 3, S, S) -> float32 features as stored in a cache: spatial (N, P, C) for
         attention decoders, pooled (N, C) otherwise (rounded through the cache's dtype)."""
-        x = normalize_batch(batch.to(self.device), self.preprocessing).contiguous(memory_format=torch.channels_last)
-        if self.amp_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                fmap = self.cnn(x)
-        else:
-            fmap = self.cnn(x)
-        if self.model.uses_spatial:
-            feats = fmap.flatten(2).transpose(1, 2)
-        else:
-            feats = fmap.float().mean(dim=(2, 3))
-        return feats.to(self.feature_dtype).float()
+        spatial, pooled = pooled_and_spatial(self.forward(batch), self.feature_dtype)
+        return (spatial if self.model.uses_spatial else pooled).float()
 
     def load(self, image: ImageInput) -> Image.Image:
         """Path or PIL image -> RGB PIL image (files EXIF-rotated). Raises ``CaptionsError``."""
@@ -259,7 +204,7 @@ class Captioner:
         maps_np = maps.float().cpu().numpy() if maps is not None else None
         h, w = self.spatial_shape
         for j, (res, _) in enumerate(good):
-            words, steps = generated_words(tokens_l[j], self.decoder.idx_to_token)
+            words, steps = caption_words(tokens_l[j], self.decoder.idx_to_token)
             res.words, res.caption, res.score = words, " ".join(words), float(scores[j])
             if maps_np is not None:
                 res.attention = maps_np[j, steps].reshape(len(steps), h, w).astype(np.float32)

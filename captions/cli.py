@@ -12,11 +12,14 @@ import click
 from captions import __version__
 from captions.demo import DemoOptions
 from captions.errors import CaptionsError
+from captions.models.registry import DECODERS
+from captions.options import click_options, option_fields, read_config_file
+from captions.pipeline.settings import PrepareOptions
 from captions.trainer.config import TrainConfig
 
-# the defaults of 'captions train' and 'captions demo' are written once, in these dataclasses (their
-# modules import no torch, so --help stays fast); the options below show them
-_TRAIN, _DEMO = TrainConfig(), DemoOptions()
+# the settings of 'captions train' and 'captions demo' are written once, with their defaults and help,
+# in these dataclasses and the decoder registry (none imports torch, so --help stays fast); the
+# options below are generated from them
 
 
 class CaptionsGroup(click.Group):
@@ -57,26 +60,13 @@ def main(verbose: bool) -> None:
               help="Prepared-dataset directory to write (created; resumable).")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder holding the images [default: depends on FORMAT, see README].")
-@click.option("--tokenizer", default="simple", show_default=True,
-              help="simple (built-in, Unicode-aware), nltk (Treebank, offline) or spacy (blank pipeline).")
-@click.option("--lang", default="en", show_default=True, help="Language for --tokenizer spacy.")
-@click.option("--min-count", default=5, show_default=True, type=click.IntRange(1),
-              help="Keep words seen at least this often in the train split; others become <UNK>.")
-@click.option("--max-length", default=16, show_default=True, type=click.IntRange(1),
-              help="Clamp captions to this many words (plus <START>/<END>).")
-@click.option("--image-size", default=256, show_default=True, type=click.IntRange(16),
-              help="Side of the square resized images (shorter side scaled, then centre crop).")
-@click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 0.5),
-              help="For sources without splits (csv, Kaggle flickr8k): share of images hashed to val.")
-@click.option("--test-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 0.5),
-              help="Likewise for test.")
+@click_options((f, "") for f in option_fields(PrepareOptions))
 @click.option("--workers", default=-1, show_default=True, type=int, help="Resize processes (-1: all cores).")
 @click.option("--num-images", default="1200,150,150", show_default=True,
               help="synthetic only: train,val,test image counts.")
 @click.option("--seed", default=0, show_default=True, help="synthetic only: generator seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def prepare(fmt, sources, out, images, tokenizer, lang, min_count, max_length, image_size,
-            val_fraction, test_fraction, workers, num_images, seed, quiet) -> None:
+def prepare(fmt, sources, out, images, workers, num_images, seed, quiet, **settings) -> None:
     """Parse captions, build the vocabulary, encode captions and resize images into OUT.
 
     \b
@@ -87,8 +77,8 @@ def prepare(fmt, sources, out, images, tokenizer, lang, min_count, max_length, i
       csv       image,caption[,split] tables (images under --images or <csv dir>/images)
       synthetic no SOURCE: generates the demo shapes set in OUT/source and prepares it
     """
-    from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
     from captions.pipeline.prepare import prepare as run_prepare
+    from captions.pipeline.prepare import prepare_synthetic
 
     if fmt == "synthetic":
         if sources:
@@ -99,8 +89,7 @@ def prepare(fmt, sources, out, images, tokenizer, lang, min_count, max_length, i
             raise CaptionsError(f"--num-images must be three integers train,val,test, got '{num_images}'") from None
     elif not sources:
         raise CaptionsError(f"{fmt} needs at least one SOURCE file")
-    opts = PrepareOptions(tokenizer=tokenizer, lang=lang, min_count=min_count, max_length=max_length,
-                          image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction)
+    opts = PrepareOptions(**settings)
     if fmt == "synthetic":
         manifest = prepare_synthetic(out, n_train, n_val, n_test, seed=seed, options=opts, workers=workers,
                                      progress=not quiet)
@@ -202,70 +191,72 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 
 
 # ------------------------------------------------------------------------------------------------ train
+def _train_fields() -> list:
+    """(field, note) of every train option: TrainConfig's, then each decoder setting once, noting the
+    decoders that have it when not all do."""
+    out = [(f, "") for f in option_fields(TrainConfig)]
+    owners: dict[str, tuple] = {}
+    for entry in DECODERS.values():
+        for f in option_fields(entry.config):
+            owners.setdefault(f.name, (f, []))[1].append(entry.name)
+    for f, models in owners.values():
+        out.append((f, "" if len(models) == len(DECODERS) else f"[{', '.join(models)} only]"))
+    return out
+
+
+def _from_config_file(ctx: click.Context, path: Path | None, file: dict, values: dict) -> dict:
+    """``values`` (the command's parameters) with those left at their defaults taken from the
+    config ``file`` read from ``path``, converted and checked like the command line's."""
+    if path is None:
+        return values
+    file = {**{k: v for k, v in file.items() if k != "decoder"}, **dict(file.get("decoder") or {})}
+    unknown = sorted(set(file) - {p.name for p in ctx.command.params} - {"model", "data", "features", "out"})
+    if unknown:
+        raise CaptionsError(f"unknown setting(s) {', '.join(unknown)}", path)
+    params = {p.name: p for p in ctx.command.params}
+    merged = dict(values)
+    for name, value in file.items():
+        if name in params and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            try:
+                merged[name] = params[name].type_cast_value(ctx, value)
+            except click.BadParameter as e:
+                raise CaptionsError(f"{name}: {e.message}", path) from None
+            except (TypeError, ValueError):  # a list or mapping where a number is wanted
+                raise CaptionsError(f"{name}: {value!r} is not a valid {params[name].type.name}", path) from None
+    return merged
+
+
+def _train_config(ctx: click.Context, model: str, settings: dict) -> TrainConfig:
+    """The TrainConfig of ``model``; a decoder setting that ``model`` does not have, given on the
+    command line, is refused."""
+    entry = DECODERS[model]
+    own = {f.name for f in option_fields(entry.config)}
+    training = {f.name for f in option_fields(TrainConfig)}
+    for name in sorted(set(settings) - own - training):
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise CaptionsError(f"--{name.replace('_', '-')} does not apply to {model}")
+    return TrainConfig.from_dict({"model": model, **{k: v for k, v in settings.items() if k in training},
+                                  "decoder": {k: v for k, v in settings.items() if k in own}})
+
+
 @main.command("train")
-@click.argument("model", type=click.Choice(["rnn", "lstm", "attn"]))
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("model", required=False, type=click.Choice(list(DECODERS)))
+@click.option("--data", "data", type=click.Path(file_okay=False, path_type=Path),
               help="Prepared-dataset directory (from 'captions prepare').")
-@click.option("--features", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--features", type=click.Path(dir_okay=False, path_type=Path),
               help="Feature cache (from 'captions extract-features').")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory: best.pt, last.pt, metrics.jsonl.")
-@click.option("--epochs", default=_TRAIN.epochs, show_default=True, type=click.IntRange(1),
-              help="Cross-entropy epochs (the cosine schedule spans them).")
-@click.option("--batch-size", default=_TRAIN.batch_size, show_default=True, type=click.IntRange(1),
-              help="Most captions per batch; a batch holds whole images (all their captions).")
-@click.option("--lr", default=_TRAIN.lr, show_default=True, type=float, help="Adam learning rate (peak).")
-@click.option("--embed-dim", default=_TRAIN.embed_dim, show_default=True, type=click.IntRange(1))
-@click.option("--hidden-dim", default=_TRAIN.hidden_dim, show_default=True, type=click.IntRange(1))
-@click.option("--attention", type=click.Choice(["dot", "additive"]), default=_TRAIN.attention, show_default=True,
-              help="attn only: scaled dot-product, or Show-Attend-Tell additive with gate and regulariser.")
-@click.option("--attention-dim", default=_TRAIN.attention_dim, show_default=True, type=click.IntRange(1),
-              help="attn additive only: size of the attention MLP.")
-@click.option("--dropout", default=_TRAIN.dropout, show_default=True, type=click.FloatRange(0, 0.95),
-              help="Dropout before the output layer.")
-@click.option("--embed-dropout", default=_TRAIN.embed_dropout, show_default=True, type=click.FloatRange(0, 0.95),
-              help="Dropout on the word embeddings fed to the recurrent cell.")
-@click.option("--feature-as-input", is_flag=True,
-              help="lstm only: feed the projected feature as the first input (Show and Tell) instead of h0/c0.")
-@click.option("--ds-lambda", default=_TRAIN.ds_lambda, show_default=True, type=float,
-              help="attn additive only: weight of the doubly stochastic attention regulariser "
-                   "(Σ over positions of (1 − Σ_t α)², added to the summed caption loss).")
-@click.option("--loss", type=click.Choice(["sum", "mean"]), default=_TRAIN.loss, show_default=True,
-              help="sum: summed over time, averaged over the batch (classic); mean: per token.")
-@click.option("--label-smoothing", default=_TRAIN.label_smoothing, show_default=True, type=click.FloatRange(0, 0.5),
-              help="Label smoothing of the training loss (val loss is reported without it).")
-@click.option("--grad-clip", default=_TRAIN.grad_clip, show_default=True, type=float,
-              help="Max gradient norm (0: off).")
-@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default=_TRAIN.schedule, show_default=True)
-@click.option("--weight-decay", default=_TRAIN.weight_decay, show_default=True, type=float)
-@click.option("--ema", default=_TRAIN.ema, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Evaluate and ship an exponential moving average of the weights with this decay per "
-                   "step (0: off).")
-@click.option("--patience", default=_TRAIN.patience, show_default=True, type=click.IntRange(1),
-              help="Early stopping: epochs without a better val CIDEr.")
-@click.option("--scst-epochs", default=_TRAIN.scst_epochs, show_default=True, type=click.IntRange(0),
-              help="Self-critical epochs after the cross-entropy ones: sample captions, reward them with "
-                   "their CIDEr-D against the image's references (baseline: the image's other samples).")
-@click.option("--scst-lr", default=_TRAIN.scst_lr, show_default=True, type=float,
-              help="Learning rate of the self-critical epochs (constant).")
-@click.option("--scst-start", type=click.Choice(["loss", "cider"]), default=_TRAIN.scst_start, show_default=True,
-              help="The cross-entropy epoch self-critical training starts from. loss: the lowest val "
-                   "loss (kept as scst_start.pt); cider: the best greedy val CIDEr (best.pt).")
-@click.option("--scst-samples", default=_TRAIN.scst_samples, show_default=True, type=click.IntRange(2),
-              help="Captions sampled per image in self-critical training.")
-@click.option("--seed", default=_TRAIN.seed, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory: best.pt, last.pt, metrics.jsonl, config.json.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML or JSON file of settings (names as the options, without '--'; also model, data, "
+                   "features, out); options given on the command line override it. A run's config.json "
+                   "is such a file.")
+@click_options(_train_fields())
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=_TRAIN.precision, show_default=True,
-              help="Decoder autocast. auto: bf16 on CUDA and on CPUs with native bf16 (about 2x faster), "
-                   "else fp32. Weights, optimizer and loss stay fp32.")
-@click.option("--ram-budget-gb", default=_TRAIN.ram_budget_gb, show_default=True, type=float,
-              help="Keep features in RAM when they fit, else stream them from the HDF5 cache.")
-@click.option("--checkpoint-every", default=_TRAIN.checkpoint_every, show_default=True, type=click.IntRange(0),
-              help="Also save last.pt every N steps (0: only at epoch ends).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
-    """Train an rnn, lstm or attn decoder from a feature cache (the CNN is never run).
+@click.pass_context
+def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
+    """Train a decoder (MODEL: rnn, lstm or attn) from a feature cache (the CNN is never run).
 
     --epochs of cross-entropy, then --scst-epochs of self-critical training (sampled captions
     rewarded by their CIDEr-D) from the cross-entropy epoch of the lowest val loss (--scst-start);
@@ -276,13 +267,23 @@ def train_cmd(model, data_dir, features, out, resume, quiet, **kwargs) -> None:
     """
     from captions.trainer.train import train
 
-    cfg = TrainConfig(model=model, **kwargs)
-    result = train(data_dir, features, out, cfg, resume=resume, progress=not quiet)
+    file = read_config_file(config) if config is not None else {}
+    values = _from_config_file(ctx, config, file, values)
+    model = model or file.get("model")
+    paths = {k: values.pop(k) or (Path(file[k]) if file.get(k) else None) for k in ("data", "features", "out")}
+    missing = [k for k in ("model", *paths) if not (model if k == "model" else paths[k])]
+    if missing:
+        raise CaptionsError(f"missing {', '.join('MODEL' if k == 'model' else '--' + k for k in missing)} "
+                            f"(on the command line or in --config)")
+    if model not in DECODERS:
+        raise CaptionsError(f"unknown model '{model}' (choose one of: {', '.join(DECODERS)})", config)
+    cfg = _train_config(ctx, model, values)
+    result = train(paths["data"], paths["features"], paths["out"], cfg, resume=resume, progress=not quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         b = result["best"]
         click.echo(f"trained {model}: best epoch {b.get('epoch')}"
                    + (f", val CIDEr {b['CIDEr']:.3f}, BLEU-4 {b['BLEU-4']:.3f}" if "CIDEr" in b else "")
-                   + f"; checkpoints in {out}")
+                   + f"; checkpoints in {paths['out']}")
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -310,7 +311,7 @@ def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalt
     All reference captions of each image are used. METEOR needs Java; without it this says so once
     and reports the rest. Writes the predictions in COCO results format and the metrics as JSON.
     """
-    from captions.evaluate import evaluate_checkpoint
+    from captions.evaluation import evaluate_checkpoint
 
     record = evaluate_checkpoint(checkpoint, data_dir, features, split=split, beam_size=beam_size,
                                  length_penalty=length_penalty, device=device, batch_size=batch_size, out=out,
@@ -322,7 +323,7 @@ def _echo_scores(record: dict, how: str, as_json: bool) -> None:
     """Print a scored split (``evaluate_checkpoint`` / ``evaluate_nn`` record) as JSON or a table."""
     import json
 
-    from captions.evaluate import metrics_table
+    from captions.evaluation import metrics_table
 
     if as_json:
         click.echo(json.dumps(record, indent=2))
@@ -395,11 +396,10 @@ def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_di
     from captions.captioner import Captioner
 
     if attention_dir is not None:  # refuse before building the CNN
-        from captions.trainer.checkpoint import load_checkpoint
-        from captions.trainer.models import DECODERS
+        from captions.models.checkpoint import load_checkpoint
 
         model = load_checkpoint(checkpoint).get("model")
-        if not getattr(DECODERS.get(model), "uses_spatial", False):
+        if model not in DECODERS or not DECODERS[model].uses_spatial:
             raise CaptionsError(f"--attention-map needs an attention model; this checkpoint is '{model}'")
     captioner = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
     results = captioner.caption(list(images), beam_size=beam_size, length_penalty=length_penalty,
@@ -435,30 +435,9 @@ def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_di
 @main.command("demo")
 @click.option("--out", default=Path("demo-output"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="The demo's folder (created; a previous demo run there is replaced).")
-@click.option("--backbone", default=_DEMO.backbone, show_default=True,
-              help="CNN: any 'extract-features' backbone.")
-@click.option("--weights", default=_DEMO.weights, show_default=True,
-              help="auto: the library's pretrained weights when they can be had, else random initialisation; "
-                   "default, none, or a state_dict PATH.")
-@click.option("--image-size", default=_DEMO.image_size, show_default=True, type=click.IntRange(32),
-              help="Crop fed to the CNN.")
-@click.option("--num-images", default=",".join(map(str, _DEMO.num_images)), show_default=True,
+@click.option("--num-images", default=",".join(map(str, DemoOptions().num_images)), show_default=True,
               help="train,val,test image counts.")
-@click.option("--epochs", default=_DEMO.epochs, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=_DEMO.batch_size, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=_DEMO.lr, show_default=True, type=float,
-              help="Adam learning rate (peak, cosine schedule).")
-@click.option("--hidden-dim", default=_DEMO.hidden_dim, show_default=True, type=click.IntRange(1))
-@click.option("--embed-dim", default=_DEMO.embed_dim, show_default=True, type=click.IntRange(1))
-@click.option("--dropout", default=_DEMO.dropout, show_default=True, type=click.FloatRange(0, 0.95))
-@click.option("--scst-epochs", default=_DEMO.scst_epochs, show_default=True, type=click.IntRange(0),
-              help="Self-critical epochs after the cross-entropy ones (see 'captions train').")
-@click.option("--scst-lr", default=_DEMO.scst_lr, show_default=True, type=float)
-@click.option("--beam-size", default=_DEMO.beam_size, show_default=True, type=click.IntRange(1))
-@click.option("--samples", default=_DEMO.samples, show_default=True, type=click.IntRange(0),
-              help="Test images captioned with attention maps.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data and training seed.")
+@click_options((f, "") for f in option_fields(DemoOptions))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(out, num_images, quiet, **kwargs) -> None:
     """Run the whole pipeline offline, from scratch, on the synthetic shapes set.

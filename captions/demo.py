@@ -17,6 +17,7 @@ from typing import Any
 
 from captions.errors import CaptionsError
 from captions.fsutil import read_json, write_json_atomic
+from captions.options import internal, setting
 
 log = logging.getLogger("captions")
 
@@ -25,24 +26,27 @@ MARKER = ".captions-demo"  # an --out folder holding this was made by the demo (
 
 @dataclass
 class DemoOptions:
-    """Settings of ``captions demo``; the defaults finish in a few minutes on 2 CPU cores."""
+    """Settings of ``captions demo`` (its options are generated from these fields); the defaults
+    finish in a few minutes on 2 CPU cores. The training settings among them go to ``TrainConfig``."""
 
-    backbone: str = "resnet18"
-    weights: str = "auto"  # auto | default | none | state_dict PATH
-    image_size: int = 128
-    num_images: tuple[int, int, int] = (1200, 150, 150)
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 3e-3
-    embed_dim: int = 64
-    hidden_dim: int = 128
-    dropout: float = 0.1
-    scst_epochs: int = 0  # self-critical epochs did not help this small set (BLEU-4 0.649 -> 0.583 with 3)
-    scst_lr: float = 1e-4
-    beam_size: int = 3
-    samples: int = 4
-    device: str = "auto"
-    seed: int = 0
+    backbone: str = setting("resnet18", "CNN: any 'extract-features' backbone.")
+    weights: str = setting("auto", "auto: the library's pretrained weights when they can be had, else random "
+                                   "initialisation; default, none, or a state_dict PATH.")
+    image_size: int = setting(128, "Crop fed to the CNN.", min=32)
+    num_images: tuple[int, int, int] = internal((1200, 150, 150))  # train, val, test
+    epochs: int = setting(12, "Cross-entropy epochs.", min=1)
+    batch_size: int = setting(32, "Most captions per batch.", min=1)
+    lr: float = setting(3e-3, "Adam learning rate (peak, cosine schedule).")
+    embed_dim: int = setting(64, "Word embedding size.", min=1)
+    hidden_dim: int = setting(128, "Recurrent state size.", min=1)
+    dropout: float = setting(0.1, "Dropout before the output layer.", min=0, max=0.95)
+    # self-critical epochs did not help this small set (BLEU-4 0.649 -> 0.583 with 3)
+    scst_epochs: int = setting(0, "Self-critical epochs after the cross-entropy ones (see 'captions train').", min=0)
+    scst_lr: float = setting(1e-4, "Learning rate of the self-critical epochs.")
+    beam_size: int = setting(3, "Beam size of the test evaluation and the sample captions.", min=1)
+    samples: int = setting(4, "Test images captioned with attention maps.", min=0)
+    device: str = setting("auto", "Where to run (auto: CUDA when torch sees one).", choices=("auto", "cpu", "cuda"))
+    seed: int = setting(0, "Synthetic data and training seed.")
 
 
 @contextlib.contextmanager
@@ -66,7 +70,7 @@ def decoder_threads() -> Iterator[None]:
 def resolve_weights(backbone: str, weights: str, image_size: int) -> tuple[str, str]:
     """-> (weights argument for extraction, human description). ``auto`` tries the library's
     pretrained weights and falls back to random initialisation when they cannot be had."""
-    from captions.features.backbones import build_backbone
+    from captions.features.backbones import WeightsUnavailable, build_backbone
 
     if weights != "auto":
         what = {"default": "pretrained (library default)", "none": "random initialisation"}.get(weights,
@@ -74,9 +78,7 @@ def resolve_weights(backbone: str, weights: str, image_size: int) -> tuple[str, 
         return weights, what
     try:
         build_backbone(backbone, "default", image_size)
-    except CaptionsError as e:
-        if "could not get the default pretrained weights" not in str(e):
-            raise
+    except WeightsUnavailable as e:
         reason = str(e).split("(", 1)[-1].split(")", 1)[0]
         log.warning("pretrained weights for %s are not available (%s): using RANDOM initialisation instead; "
                     "the synthetic set does not need ImageNet features", backbone, reason)
@@ -92,38 +94,19 @@ def prepare_out_dir(out: Path) -> None:
     (out / MARKER).write_text("made by 'captions demo'; its contents are replaced on the next run\n")
 
 
-def run_demo(out: str | Path = "demo-output", options: DemoOptions | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run every stage into ``out`` and return the report (see ``format_report``).
+@contextlib.contextmanager
+def _stage(times: dict[str, float], name: str, message: str, *args: Any) -> Iterator[None]:
+    """Log a stage's start and add its seconds to ``times[name]``."""
+    log.info(message, *args)
+    t = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t
 
-    Layout: ``out/prepared`` (dataset and feature cache, reused when unchanged), ``out/run``
-    (checkpoints, replaced on each run), ``out/eval`` (predictions.json, metrics.json),
-    ``out/attention`` (one PNG per sample image), ``out/report.txt``, ``out/report.json``.
-    """
-    from captions.captioner import Captioner
-    from captions.evaluate import evaluate_checkpoint
+
+def _extract(data: Path, manifest: dict[str, Any], opts: DemoOptions, progress: bool) -> tuple[Path, str, str]:
+    """The demo's feature cache (its name carries the settings) -> (path, weights argument, description)."""
     from captions.features.extract import ExtractOptions, extract_features
-    from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
-    from captions.pipeline.prepared import load_prepared
-    from captions.trainer.train import TrainConfig, train
 
-    opts = options or DemoOptions()
-    out = Path(out)
-    prepare_out_dir(out)
-    times: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    log.info("[1/5] generating and preparing the synthetic shapes set")
-    t = time.perf_counter()
-    n_train, n_val, n_test = opts.num_images
-    data = out / "prepared"
-    manifest = prepare_synthetic(data, n_train, n_val, n_test, seed=opts.seed,
-                                 options=PrepareOptions(min_count=1, image_size=max(opts.image_size, 128)),
-                                 workers=-1, progress=progress)
-    times["prepare"] = time.perf_counter() - t
-
-    log.info("[2/5] extracting %s features at %d px", opts.backbone, opts.image_size)
-    t = time.perf_counter()
     weights, weights_desc = resolve_weights(opts.backbone, opts.weights, opts.image_size)
     tag = {"default": "pretrained", "none": "random"}.get(weights, "file")
     name = f"features-{opts.backbone.replace('/', '_')}-{opts.image_size}-{tag}-{manifest['dataset_hash'][:12]}.h5"
@@ -134,46 +117,34 @@ def run_demo(out: str | Path = "demo-output", options: DemoOptions | None = None
     extract_features(data, cache, ExtractOptions(backbone=opts.backbone, weights=weights,
                                                  image_size=opts.image_size, dtype="float32",
                                                  device=opts.device), progress=progress)
-    times["features"] = time.perf_counter() - t
+    return cache, weights, weights_desc
 
-    log.info("[3/5] training an attention decoder for %d epochs", opts.epochs)
-    t = time.perf_counter()
-    run = out / "run"
+
+def _train(data: Path, cache: Path, run: Path, opts: DemoOptions, progress: bool) -> dict[str, Any]:
+    from captions.trainer.train import TrainConfig, train
+
     if run.exists():
         shutil.rmtree(run)
-    cfg = TrainConfig(model="attn", epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
-                      embed_dim=opts.embed_dim, hidden_dim=opts.hidden_dim, dropout=opts.dropout,
-                      patience=opts.epochs, seed=opts.seed, device=opts.device, checkpoint_every=0,
-                      scst_epochs=opts.scst_epochs, scst_lr=opts.scst_lr)
+    # the demo's training settings carry TrainConfig's (and the decoder's) names
+    cfg = TrainConfig.from_dict({**asdict(opts), "model": "attn", "patience": opts.epochs, "checkpoint_every": 0})
     with decoder_threads():
-        trained = train(data, cache, run, cfg, progress=progress)
-    times["train"] = time.perf_counter() - t
+        return train(data, cache, run, cfg, progress=progress)
 
-    log.info("[4/5] evaluating on the test split (beam %d)", opts.beam_size)
-    t = time.perf_counter()
-    with decoder_threads():
-        record = evaluate_checkpoint(run / "best.pt", data, cache, split="test", beam_size=opts.beam_size,
-                                     device=opts.device, out=out / "eval")
-    ds = load_prepared(data)
-    predictions = {r["image_id"]: r["caption"] for r in read_json(record["predictions"])}
-    attributes = attribute_accuracy(ds.images, predictions)
-    blind = shuffled_baseline(ds.references("test"), predictions)
-    times["evaluate"] = time.perf_counter() - t
 
-    log.info("[5/5] captioning %d test images with attention maps", opts.samples)
-    t = time.perf_counter()
+def _caption_samples(ds, data: Path, checkpoint: Path, weights: str | None, out: Path,
+                     opts: DemoOptions) -> tuple[list[dict[str, Any]], Any]:
+    """Caption the first ``opts.samples`` test images with attention maps -> (samples, captioner)."""
     from captions.attention_maps import save_attention_grid
+    from captions.captioner import Captioner
 
     test_images = [im for im in ds.images if im["split"] == "test"][: opts.samples]
     paths = [data / "source" / "test" / im["name"] for im in test_images]
-    captioner = Captioner.from_checkpoint(run / "best.pt", device=opts.device,
-                                          weights=weights if tag == "file" else None)
+    captioner = Captioner.from_checkpoint(checkpoint, device=opts.device, weights=weights)
     attention_dir = out / "attention"
     if attention_dir.exists():
         shutil.rmtree(attention_dir)
     samples = []
-    results = captioner.caption(paths, beam_size=opts.beam_size)
-    for im, path, res in zip(test_images, paths, results, strict=True):
+    for im, path, res in zip(test_images, paths, captioner.caption(paths, beam_size=opts.beam_size), strict=True):
         png = None
         if res.error is None and res.attention is not None and res.crop is not None:
             png = str(save_attention_grid(attention_dir / f"{path.stem}.png", res.crop, res.words, res.attention,
@@ -181,16 +152,51 @@ def run_demo(out: str | Path = "demo-output", options: DemoOptions | None = None
         samples.append({"image": str(path), "caption": res.caption, "score": res.score,
                         "references": [" ".join(t) for t in im["tokens"][:2]], "attention_map": png,
                         "error": res.error})
-    times["caption"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t_all
+    return samples, captioner
 
+
+def run_demo(out: str | Path = "demo-output", options: DemoOptions | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage into ``out`` and return the report (see ``format_report``).
+
+    Layout: ``out/prepared`` (dataset and feature cache, reused when unchanged), ``out/run``
+    (checkpoints, replaced on each run), ``out/eval`` (predictions.json, metrics.json),
+    ``out/attention`` (one PNG per sample image), ``out/report.txt``, ``out/report.json``.
+    """
+    from captions.evaluation import evaluate_checkpoint
+    from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
+    from captions.pipeline.prepared import load_prepared
+
+    opts, out = options or DemoOptions(), Path(out)
+    prepare_out_dir(out)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    data = out / "prepared"
+    with _stage(times, "prepare", "[1/5] generating and preparing the synthetic shapes set"):
+        manifest = prepare_synthetic(data, *opts.num_images, seed=opts.seed,
+                                     options=PrepareOptions(min_count=1, image_size=max(opts.image_size, 128)),
+                                     workers=-1, progress=progress)
+    with _stage(times, "features", "[2/5] extracting %s features at %d px", opts.backbone, opts.image_size):
+        cache, weights, weights_desc = _extract(data, manifest, opts, progress)
+    with _stage(times, "train", "[3/5] training an attention decoder for %d epochs", opts.epochs):
+        trained = _train(data, cache, out / "run", opts, progress)
+    with _stage(times, "evaluate", "[4/5] evaluating on the test split (beam %d)", opts.beam_size):
+        with decoder_threads():
+            record = evaluate_checkpoint(out / "run" / "best.pt", data, cache, split="test",
+                                         beam_size=opts.beam_size, device=opts.device, out=out / "eval")
+        ds = load_prepared(data)
+        predictions = {r["image_id"]: r["caption"] for r in read_json(record["predictions"])}
+    with _stage(times, "caption", "[5/5] captioning %d test images with attention maps", opts.samples):
+        file_weights = weights if weights not in ("default", "none") else None
+        samples, captioner = _caption_samples(ds, data, out / "run" / "best.pt", file_weights, out, opts)
+    times["total"] = time.perf_counter() - t_all
     report = {
         "out": str(out), "options": asdict(opts), "weights": weights_desc,
         "backbone": opts.backbone, "spatial_grid": list(captioner.spatial_shape),
         "best_epoch": trained["best"].get("epoch"), "val": {k: v for k, v in trained["best"].items() if k != "epoch"},
-        "test": record, "attributes": attributes, "shuffled": blind, "samples": samples,
-        "attention_dir": str(attention_dir),
-        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "test": record, "attributes": attribute_accuracy(ds.images, predictions),
+        "shuffled": shuffled_baseline(ds.references("test"), predictions), "samples": samples,
+        "attention_dir": str(out / "attention"), "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     write_json_atomic(out / "report.json", report)
     (out / "report.txt").write_text(format_report(report) + "\n", encoding="utf-8")
@@ -239,7 +245,7 @@ def shuffled_baseline(references: dict[int, list[str]], predictions: dict[int, s
 
 def format_report(report: dict[str, Any]) -> str:
     """The demo's closing report: metrics table, sample captions, where the PNGs are, timings."""
-    from captions.evaluate import metrics_table
+    from captions.evaluation import metrics_table
 
     test, secs = report["test"], report["seconds"]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")

@@ -7,19 +7,20 @@ import itertools
 import pytest
 import torch
 
-from captions.decoding import beam_search, decode, greedy_decode
+from captions.generation import beam_search, decode, greedy_decode
+from captions.models import DECODERS
+from captions.models.checkpoint import build_decoder
 from captions.pipeline.vocab import END_ID, NULL_ID, START_ID
-from captions.trainer.models import DecoderConfig, build_decoder
 
-MODELS = ("rnn", "lstm", "attn")
+MODELS = tuple(DECODERS)
 
 
 def make_model(kind: str, vocab: int = 12, channels: int = 8, seed: int = 0, end_bias: float = 1.5):
     """A small random decoder with peaked output distributions; ``end_bias`` makes <END> likely enough
     that some captions finish early and some do not."""
     torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=vocab, feature_dim=channels, embed_dim=8, hidden_dim=16, dropout=0.0)
-    model = build_decoder(kind, cfg).eval()
+    cfg = dict(vocab_size=vocab, feature_dim=channels, embed_dim=8, hidden_dim=16, dropout=0.0)
+    model = build_decoder(kind, **cfg).eval()
     with torch.no_grad():
         model.out.weight.mul_(4.0)
         model.out.bias[END_ID] += end_bias

@@ -17,11 +17,11 @@ from captions.attention_maps import grid_size, tile_box
 from captions.captioner import Captioner
 from captions.cli import main
 from captions.errors import CaptionsError
-from captions.evaluate import evaluate_checkpoint
+from captions.evaluation import evaluate_checkpoint
 from captions.features.cache import FeatureCache
 from captions.fsutil import sha256_file
+from captions.models.checkpoint import load_checkpoint, save_checkpoint
 from captions.pipeline.prepared import load_prepared
-from captions.trainer.checkpoint import load_checkpoint, save_checkpoint
 from captions.trainer.train import TrainConfig, train
 
 SIZE = 64  # CNN input: resnet18 gives a 2 x 2 feature grid
@@ -218,7 +218,7 @@ def test_caption_checks_the_weights_file(run, tmp_path):
 
 
 def test_pooled_model_captions_and_refuses_attention_maps(run, tmp_path):
-    cfg = TrainConfig(model="lstm", epochs=1, batch_size=32, embed_dim=16, hidden_dim=32, device="cpu")
+    cfg = TrainConfig.from_dict(dict(model="lstm", epochs=1, batch_size=32, embed_dim=16, hidden_dim=32, device="cpu"))
     train(run["data"], run["feats"], tmp_path / "lstm", cfg, progress=False)
     ckpt = tmp_path / "lstm" / "best.pt"
     img = load_prepared(run["data"]).image_path(0)

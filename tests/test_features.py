@@ -17,6 +17,7 @@ from captions.errors import CaptionsError
 from captions.features.backbones import build_backbone
 from captions.features.cache import FeatureCache
 from captions.features.extract import ExtractOptions, extract_features
+from captions.features.spec import FeatureSpec
 from captions.pipeline.prepare import PrepareOptions, prepare
 from captions.pipeline.prepared import load_prepared
 from tests.conftest import write_image
@@ -126,6 +127,29 @@ def test_cache_of_another_dataset_is_refused(tmp_path, prepared):
         cache.check_dataset(load_prepared(prepared).dataset_hash)
         with pytest.raises(CaptionsError, match="different prepared dataset"):
             cache.check_dataset("0" * 64)
+
+
+def test_cache_spec_and_arrays(tmp_path, prepared):
+    opts = ExtractOptions(backbone="resnet18", weights="none", image_size=32, workers=0, chunk_rows=4)
+    path = extract_features(prepared, tmp_path / "c.h5", opts, progress=False)
+    bb = build_backbone("resnet18", "none", 32)
+    expected = FeatureSpec(backbone="resnet18", weights="random", image_size=32,
+                           preprocessing=bb.preprocessing.to_dict(), dtype="float16", precision="auto",
+                           spatial_shape=(1, 1), channels=512, dataset_hash=load_prepared(prepared).dataset_hash)
+    with FeatureCache(path) as cache, FeatureCache(path, in_memory=True) as ram:
+        assert cache.spec == expected and cache.metadata["token_layout"] == "grid"
+        assert cache.chunk_rows == 4
+        assert cache.array("spatial") is cache.spatial and cache.array("pooled") is cache.pooled
+        assert cache.array("spatial").shape == (10, 1, 512) and cache.array("pooled").shape == (10, 512)
+        assert isinstance(ram.array("pooled"), np.ndarray)
+        with pytest.raises(ValueError, match="spatial or pooled"):
+            cache.array("both")
+    import h5py
+
+    with h5py.File(path, "r+") as f:  # as written before token_layout and chunk_rows were recorded
+        del f.attrs["token_layout"], f.attrs["chunk_rows"]
+    with FeatureCache(path) as cache:
+        assert cache.spec == expected and cache.chunk_rows == 256
 
 
 def test_corrupt_image_is_reported_skipped_and_marked(tmp_path, caplog):

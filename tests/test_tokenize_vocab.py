@@ -4,7 +4,16 @@ import torch
 
 from captions.errors import CaptionsError
 from captions.pipeline.tokenize import get_tokenizer, simple_tokenize
-from captions.pipeline.vocab import END_ID, NULL_ID, SPECIALS, START_ID, UNK_ID, Vocabulary, decode_captions
+from captions.pipeline.vocab import (
+    END_ID,
+    NULL_ID,
+    SPECIALS,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    caption_words,
+    decode_captions,
+)
 
 
 def test_simple_tokenizer_keeps_vietnamese_words_and_drops_punctuation():
@@ -56,6 +65,21 @@ def test_decode_captions_roundtrip_tensor_and_array():
     assert decode_captions(batch[0], vocab) == "a red circle"
     # stops at <END> even when tokens follow
     assert decode_captions([START_ID, 4, END_ID, 5], vocab) == vocab.idx_to_token[4]
+
+
+def test_caption_words_agrees_with_decode_captions_and_gives_each_word_its_step():
+    vocab = Vocabulary.build([["a", "red", "circle", "on", "top"]], min_count=1)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, len(vocab), size=(200, 9))  # specials anywhere, <END> or not
+    decoded = decode_captions(rows, vocab)
+    for row, text in zip(rows.tolist(), decoded, strict=True):
+        words, steps = caption_words(row, vocab.idx_to_token)
+        assert " ".join(words) == text
+        assert [vocab.idx_to_token[row[t]] for t in steps] == words
+        if steps:
+            assert END_ID not in row[: steps[-1] + 1]
+    a, r = vocab.token_to_idx["a"], vocab.token_to_idx["red"]
+    assert caption_words([START_ID, a, NULL_ID, r, END_ID, a], vocab.idx_to_token) == (["a", "red"], [1, 3])
 
 
 def test_vocabulary_hash_changes_with_tokens(tmp_path):

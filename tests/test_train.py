@@ -10,18 +10,21 @@ import torch
 
 from captions.errors import CaptionsError
 from captions.features.extract import ExtractOptions, extract_features
+from captions.models import DECODERS
+from captions.models.attention import doubly_stochastic_penalty
+from captions.models.base import caption_loss
+from captions.models.checkpoint import build_decoder, load_checkpoint
 from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
 from captions.pipeline.prepared import load_prepared
 from captions.pipeline.vocab import NULL_ID
-from captions.trainer.checkpoint import load_checkpoint
 from captions.trainer.data import FeatureStore, epoch_batches, images_of_batch
-from captions.trainer.models import (
-    DecoderConfig,
-    build_decoder,
-    caption_loss,
-    doubly_stochastic_penalty,
-)
 from captions.trainer.train import TrainConfig, TrainingInterrupted, train
+
+
+def config(**settings) -> TrainConfig:
+    """A TrainConfig from training and decoder settings alike."""
+    return TrainConfig.from_dict(settings)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=2, batch_size=16, embed_dim=16, hidden_dim=32, attention_dim=16, lr=3e-3, dropout=0.1,
@@ -44,11 +47,11 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model,extra", [("rnn", {}), ("lstm", {}), ("lstm", {"feature_as_input": True}),
-                                         ("attn", {}), ("attn", {"attention": "additive"})])
+@pytest.mark.parametrize("model,extra", [(name, {}) for name in DECODERS]
+                         + [("lstm", {"feature_as_input": True}), ("attn", {"attention": "additive"})])
 def test_every_decoder_learns_and_writes_its_run(tmp_path, synth, model, extra):
     data, cache = synth
-    result = train(data, cache, tmp_path / "run", TrainConfig(model=model, **{**TINY, "epochs": 3}, **extra),
+    result = train(data, cache, tmp_path / "run", config(model=model, **{**TINY, "epochs": 3}, **extra),
                    progress=False)
     rows = read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -65,7 +68,7 @@ def test_bf16_training_follows_fp32(tmp_path, synth):
     data, cache = synth
     losses = {}
     for precision in ("fp32", "bf16"):
-        train(data, cache, tmp_path / precision, TrainConfig(model="attn", precision=precision, **TINY),
+        train(data, cache, tmp_path / precision, config(model="attn", precision=precision, **TINY),
               progress=False)
         losses[precision] = [r["val_loss"] for r in read_metrics(tmp_path / precision)]
         assert load_checkpoint(tmp_path / precision / "last.pt")["train_config"]["precision"] == precision
@@ -73,12 +76,12 @@ def test_bf16_training_follows_fp32(tmp_path, synth):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     assert losses["bf16"] != losses["fp32"]  # it did run in another precision
     with pytest.raises(CaptionsError, match="unknown training precision 'fp16'"):
-        train(data, cache, tmp_path / "x", TrainConfig(model="attn", precision="fp16", **TINY), progress=False)
+        train(data, cache, tmp_path / "x", config(model="attn", precision="fp16", **TINY), progress=False)
 
 
 def test_ema_weights_are_evaluated_shipped_and_resumed(tmp_path, synth):
     data, cache = synth
-    cfg = TrainConfig(model="attn", **{**TINY, "epochs": 2}, ema=0.9)
+    cfg = config(model="attn", **{**TINY, "epochs": 2}, ema=0.9)
     train(data, cache, tmp_path / "whole", cfg, progress=False)
     whole = load_checkpoint(tmp_path / "whole" / "last.pt")
     assert whole["ema_n_averaged"] > 1
@@ -97,7 +100,7 @@ def test_ema_weights_are_evaluated_shipped_and_resumed(tmp_path, synth):
 
 def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
     data, cache = synth
-    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 6, "lr": 0.0}, patience=1)  # lr 0: CIDEr never improves
+    cfg = config(model="lstm", **{**TINY, "epochs": 6, "lr": 0.0}, patience=1)  # lr 0: CIDEr never improves
     result = train(data, cache, tmp_path / "run", cfg, progress=False)
     assert result["epochs_run"] == 2 and result["best"]["epoch"] == 1
     again = train(data, cache, tmp_path / "run", cfg, resume=True, progress=False)
@@ -113,7 +116,7 @@ def test_a_dataset_without_val_split_trains_through_self_critical_epochs(tmp_pat
     cache = extract_features(tmp_path / "prep", tmp_path / "f.h5",
                              ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
                              progress=False)
-    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 1, "scst_epochs": 1}, scst_start=start)
+    cfg = config(model="lstm", **{**TINY, "epochs": 1, "scst_epochs": 1}, scst_start=start)
     result = train(tmp_path / "prep", cache, tmp_path / "run", cfg, progress=False)
     assert result["epochs_run"] == 2
     assert [r["phase"] for r in read_metrics(tmp_path / "run")] == ["cross-entropy", "self-critical"]
@@ -125,7 +128,7 @@ def test_self_critical_training_starts_from_the_chosen_cross_entropy_epoch(tmp_p
     lowest cross-entropy val loss."""
     data, cache = synth
     # scst_lr 1e-12: after the self-critical epoch the weights are still those it started from
-    cfg = TrainConfig(model="lstm", **{**TINY, "epochs": 4, "scst_epochs": 1}, scst_lr=1e-12, scst_start=start)
+    cfg = config(model="lstm", **{**TINY, "epochs": 4, "scst_epochs": 1}, scst_lr=1e-12, scst_start=start)
     run = tmp_path / start
     train(data, cache, run, cfg, progress=False)
     rows = read_metrics(run)[:4]
@@ -148,7 +151,7 @@ def test_loss_ignores_null_and_has_both_reductions():
 
 def test_dot_attention_weights_are_a_distribution_and_penalty_vanishes_when_covered():
     torch.manual_seed(0)
-    model = build_decoder("attn", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8))
+    model = build_decoder("attn", vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)
     logits, alphas = model(torch.randn(3, 5, 6), torch.randint(1, 9, (3, 4)))
     assert logits.shape == (3, 4, 9) and alphas.shape == (3, 4, 5)
     torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 4))
@@ -159,7 +162,7 @@ def test_dot_attention_weights_are_a_distribution_and_penalty_vanishes_when_cove
 def test_teacher_forcing_matches_step_by_step():
     torch.manual_seed(0)
     for name, feats in (("lstm", torch.randn(2, 6)), ("attn", torch.randn(2, 4, 6))):
-        model = build_decoder(name, DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)).eval()
+        model = build_decoder(name, vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8).eval()
         tokens = torch.randint(3, 9, (2, 5))  # no <END>: the teacher-forced pass stops there
         full, _ = model(feats, tokens)
         state = model.init_state(feats)
@@ -173,8 +176,8 @@ def test_captions_of_an_image_share_its_projected_features():
     caption, including images with fewer captions than others (padding slots)."""
     torch.manual_seed(0)
     for attention in ("dot", "additive"):
-        model = build_decoder("attn", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8,
-                                                    attention=attention)).eval()
+        model = build_decoder("attn", vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8,
+                              attention=attention).eval()
         feats = torch.randn(3, 4, 6)
         for image_index in (torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 2, 1, 1, 0])):
             tokens = torch.randint(1, 9, (6, 5))
@@ -182,7 +185,7 @@ def test_captions_of_an_image_share_its_projected_features():
             per_caption, per_alphas = model(feats[image_index], tokens)
             torch.testing.assert_close(logits, per_caption, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(alphas, per_alphas, rtol=1e-4, atol=1e-5)
-    lstm = build_decoder("lstm", DecoderConfig(vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8)).eval()
+    lstm = build_decoder("lstm", vocab_size=9, feature_dim=6, embed_dim=4, hidden_dim=8).eval()
     pooled, tokens, index = torch.randn(2, 6), torch.randint(1, 9, (3, 5)), torch.tensor([1, 0, 1])
     torch.testing.assert_close(lstm(pooled, tokens, image_index=index)[0], lstm(pooled[index], tokens)[0])
 
@@ -191,7 +194,7 @@ def test_word_gate_table_matches_the_per_token_product():
     """On small vocabularies attn looks W_x x_t + b up per word: same values and same gradients as
     projecting every token."""
     torch.manual_seed(0)
-    model = build_decoder("attn", DecoderConfig(vocab_size=7, feature_dim=6, embed_dim=4, hidden_dim=8)).train()
+    model = build_decoder("attn", vocab_size=7, feature_dim=6, embed_dim=4, hidden_dim=8).train()
     tokens = torch.randint(1, 7, (4, 5))  # 20 tokens, 7 words: looked up
     weight = torch.randn(4, 5, 32)
     params, results = (model.embed.weight, model.W_x.weight, model.W_x.bias), []
@@ -206,7 +209,7 @@ def test_word_gate_table_matches_the_per_token_product():
 
 def test_dropout_drops_its_share_and_keeps_the_mean():
     torch.manual_seed(0)
-    drop = build_decoder("rnn", DecoderConfig(vocab_size=7, feature_dim=6, dropout=0.3)).drop.train()
+    drop = build_decoder("rnn", vocab_size=7, feature_dim=6, dropout=0.3).drop.train()
     y = drop(torch.ones(200, 500))
     assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
     assert y.mean().item() == pytest.approx(1.0, abs=0.02)
@@ -275,7 +278,7 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth):
     data, cache = synth
-    cfg = TrainConfig(model="attn", **TINY)
+    cfg = config(model="attn", **TINY)
     train(data, cache, tmp_path / "full", cfg, progress=False)
 
     def ctrl_c(step):
@@ -297,7 +300,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth):
 
 def test_killed_run_resumes_from_periodic_checkpoint(tmp_path, synth):
     data, cache = synth
-    cfg = TrainConfig(model="lstm", **{**TINY, "checkpoint_every": 5})
+    cfg = config(model="lstm", **{**TINY, "checkpoint_every": 5})
     train(data, cache, tmp_path / "full", cfg, progress=False)
 
     def die(step):
@@ -318,18 +321,18 @@ def test_refuses_cache_of_another_dataset(tmp_path, synth):
     prepare_synthetic(other, 12, 4, 4, seed=9, workers=1, progress=False,
                       options=PrepareOptions(min_count=1, image_size=64))
     with pytest.raises(CaptionsError, match="different prepared dataset"):
-        train(other, cache, tmp_path / "run", TrainConfig(model="rnn", **TINY), progress=False)
+        train(other, cache, tmp_path / "run", config(model="rnn", **TINY), progress=False)
 
 
 def test_resume_refuses_checkpoint_with_other_vocabulary(tmp_path, synth):
     data, cache = synth
     run = tmp_path / "run"
-    train(data, cache, run, TrainConfig(model="rnn", **{**TINY, "epochs": 1}), progress=False)
+    train(data, cache, run, config(model="rnn", **{**TINY, "epochs": 1}), progress=False)
     ckpt = torch.load(run / "last.pt", weights_only=True)
     ckpt["vocab"]["hash"] = "f" * 64
     torch.save(ckpt, run / "last.pt")
     with pytest.raises(CaptionsError, match="checkpoint vocabulary .* differs"):
-        train(data, cache, run, TrainConfig(model="rnn", **TINY), resume=True, progress=False)
+        train(data, cache, run, config(model="rnn", **TINY), resume=True, progress=False)
 
 
 def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth):
@@ -353,7 +356,7 @@ def test_self_critical_epochs_follow_the_cross_entropy_ones_and_resume(tmp_path,
     """--scst-epochs: after the cross-entropy epochs, the best weights go on with self-critical
     epochs (logged with their reward and lr); an interrupted one resumes to the same weights."""
     data, cache = synth
-    cfg = TrainConfig(model="attn", **{**TINY, "epochs": 2, "scst_epochs": 2}, scst_lr=1e-3, patience=5)
+    cfg = config(model="attn", **{**TINY, "epochs": 2, "scst_epochs": 2}, scst_lr=1e-3, patience=5)
     train(data, cache, tmp_path / "full", cfg, progress=False)
     rows = read_metrics(tmp_path / "full")
     assert [r["phase"] for r in rows] == ["cross-entropy"] * 2 + ["self-critical"] * 2
@@ -377,7 +380,7 @@ def test_self_critical_loss_raises_the_cider_of_samples():
     words = ["<NULL>", "<START>", "<END>", "<UNK>", "a", "red", "blue", "car", "boat", "on", "water", "road"]
     cider = CiderD({0: [["a", "red", "car", "on", "road"]] * 2, 1: [["a", "blue", "boat", "on", "water"]] * 2,
                     2: [["a", "car"], ["a", "red", "car"]], 3: [["a", "boat"], ["water"]]})
-    model = build_decoder("attn", DecoderConfig(vocab_size=len(words), feature_dim=6, embed_dim=8, hidden_dim=16))
+    model = build_decoder("attn", vocab_size=len(words), feature_dim=6, embed_dim=8, hidden_dim=16)
     feats, ids = torch.randn(4, 3, 6), np.arange(4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rewards = []
@@ -391,11 +394,11 @@ def test_self_critical_loss_raises_the_cider_of_samples():
 
 
 def test_sampled_captions_stop_at_end():
-    from captions.trainer.scst import sample_captions
+    from captions.generation import sample_captions
 
     torch.manual_seed(0)
     for name, feats in (("lstm", torch.randn(3, 6)), ("attn", torch.randn(3, 4, 6))):
-        model = build_decoder(name, DecoderConfig(vocab_size=5, feature_dim=6, embed_dim=4, hidden_dim=8))
+        model = build_decoder(name, vocab_size=5, feature_dim=6, embed_dim=4, hidden_dim=8)
         tokens, logps = sample_captions(model, feats, k=4, max_length=12)
         assert tokens.shape[0] == logps.shape[0] == 12 and logps.requires_grad
         for seq, lp in zip(tokens.tolist(), logps, strict=True):
@@ -403,3 +406,78 @@ def test_sampled_captions_stop_at_end():
                 end = seq.index(2)
                 assert all(t == 0 for t in seq[end + 1:]) and bool((lp[end + 1:] == 0).all())
             assert bool((lp[: seq.index(2) + 1 if 2 in seq else len(seq)] < 0).all())
+
+
+def test_a_checkpoint_of_the_previous_version_loads_decodes_and_resumes(tmp_path, synth):
+    """tests/data/checkpoint-v0.1: last.pt of a 1-epoch attn run written by captions before the
+    model layer existed (flat train_config, every decoder's settings in decoder_config), on this
+    module's synthetic set; expected.json: what that version decoded from it and logged on resume."""
+    import shutil
+
+    from captions.generation import greedy_decode
+    from captions.models.checkpoint import load_decoder
+
+    fixture = os.path.join(REPO, "tests", "data", "checkpoint-v0.1")
+    expected = json.loads(open(os.path.join(fixture, "expected.json")).read())
+    dec = load_decoder(os.path.join(fixture, "last.pt"))
+    torch.manual_seed(0)
+    tokens, scores, _ = greedy_decode(dec.model, torch.randn(3, 4, 512), 8)
+    assert tokens.tolist() == expected["greedy_tokens"]
+    torch.testing.assert_close(scores, torch.tensor(expected["greedy_scores"]))
+
+    data, cache = synth
+    assert load_prepared(data).dataset_hash == expected["dataset_hash"]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(fixture, "last.pt"), run / "last.pt")
+    result = train(data, cache, run, config(model="attn", epochs=2), resume=True, progress=False)
+    assert result["epochs_run"] == 2
+    (row,) = read_metrics(run)
+    for key, value in expected["epoch2"].items():
+        assert row[key] == (pytest.approx(value, rel=1e-5, abs=1e-9) if isinstance(value, float) else value), key
+
+
+def test_train_reads_a_config_file_and_flags_override_it(tmp_path, synth):
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    data, cache = synth
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"model: lstm\ndata: {data}\nfeatures: {cache}\nepochs: 1\nbatch-size: 16\nhidden_dim: 16\n"
+                        f"embed_dim: 8\nlr: 3e-3\nscst_epochs: 0\ncheckpoint_every: 0\nfeature_as_input: true\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg_file), "--out", str(tmp_path / "run"),
+                                       "--hidden-dim", "24", "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"] == "lstm" and saved["epochs"] == 1 and saved["lr"] == 3e-3
+    assert saved["decoder"] == {"embed_dim": 8, "hidden_dim": 24, "dropout": 0.5, "embed_dropout": 0.0,
+                                "feature_as_input": True}
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["decoder_config"]["hidden_dim"] == 24
+    # the saved config runs the same training again
+    again = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "run" / "config.json"), "--data", str(data),
+                                      "--features", str(cache), "--out", str(tmp_path / "again"), "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert read_metrics(tmp_path / "again")[0]["val_loss"] == read_metrics(tmp_path / "run")[0]["val_loss"]
+
+
+@pytest.mark.parametrize("text,args,message", [
+    ("epochs: 1\nwarmup: 3\n", ["lstm"], "unknown setting(s) warmup"),
+    ("epochs: [1, 2]\n", ["lstm"], "epochs:"),
+    ("epochs: 1\n", ["lstm", "--attention", "additive"], "--attention does not apply to lstm"),
+    ("epochs: 1\n", [], "missing MODEL"),
+    ("epochs: [\n", ["lstm"], "not valid YAML"),
+])
+def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, message):
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    data, cache = synth
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(text)
+    result = CliRunner().invoke(main, ["train", *args, "--config", str(cfg_file), "--data", str(data),
+                                       "--features", str(cache), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "run").exists()

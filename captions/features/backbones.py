@@ -98,9 +98,13 @@ def load_state_dict_strict(model: nn.Module, path: Path, name: str) -> str:
     return "sha256:" + sha256_file(path)
 
 
-def weights_failed(name: str, err: Exception) -> CaptionsError:
+class WeightsUnavailable(CaptionsError):
+    """The library's default pretrained weights could not be had (offline, hub error, bad hash)."""
+
+
+def weights_failed(name: str, err: Exception) -> WeightsUnavailable:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return CaptionsError(
+    return WeightsUnavailable(
         f"could not get the default pretrained weights for {name} ({reason}). Download them where you have "
         f"internet and pass '--weights PATH' (a state_dict file), or use '--weights none' for random "
         f"initialisation"
@@ -109,7 +113,10 @@ def weights_failed(name: str, err: Exception) -> CaptionsError:
 
 def apply_weights(model: nn.Module, name: str, weights: str, pretrained) -> str:
     """Load ``weights`` (``default`` via the ``pretrained()`` callback, ``none``, or a state_dict
-    path) into ``model``; returns the identity recorded in caches and checkpoints."""
+    path) into ``model``; returns the identity recorded in caches and checkpoints.
+
+    Raises ``WeightsUnavailable`` when ``pretrained()`` fails, ``CaptionsError`` for a state_dict
+    file that is missing, unreadable or does not fit."""
     if weights == "none":
         return "random"
     if weights != "default":
@@ -204,3 +211,17 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default", image
                     "ImageNet knowledge; this is recorded in the cache metadata", name)
     bb.module.eval().requires_grad_(False)
     return bb
+
+
+def spatial_shape_of(bb: Backbone, image_size: int) -> tuple[int, int]:
+    """Feature-map size (h, w) of ``bb`` for ``image_size`` crops.
+
+    torchvision ResNets/RegNets halve the size five times with odd kernels padded by k // 2
+    (ceil(S / 2) each time), so ceil(S / 32) without a forward; other models run a 1-image probe.
+    """
+    if bb.name in TORCHVISION_BACKBONES and bb.stride == 32:
+        side = -(-image_size // 32)
+        return side, side
+    with torch.inference_mode():
+        probe = bb.module(torch.zeros(1, 3, image_size, image_size))
+    return int(probe.shape[2]), int(probe.shape[3])

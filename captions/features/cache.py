@@ -9,8 +9,12 @@ Format (version 1), readable with h5py alone::
     /valid        (N,)      bool              False for images that could not be read (rows are zeros)
     /chunks_done  (K,)      bool              extraction progress, one flag per chunk of rows
     attrs: format, format_version, backbone, weights, image_size, spatial_shape (h, w), channels,
-           preprocessing (JSON), dtype, dataset_hash, manifest_sha256, chunk_rows, compression,
+           preprocessing (JSON), dtype, precision, token_layout ("grid"; absent in older files),
+           dataset_hash, stride, manifest_sha256, chunk_rows, compression,
            skipped (JSON list of {image, reason}), created, complete (written last)
+
+The attributes that describe the features themselves are a ``FeatureSpec`` (``FeatureCache.spec``);
+``captions.features.writer`` writes the file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from captions.errors import CaptionsError
+from captions.features.spec import FeatureSpec
 
 FORMAT_NAME = "captions-features"
 FORMAT_VERSION = 1
@@ -90,6 +95,27 @@ class FeatureCache:
     def num_positions(self) -> int:
         h, w = self.metadata["spatial_shape"]
         return int(h) * int(w)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """What the features are (backbone, weights, shapes, ...); raises ``CaptionsError`` when
+        the file lacks a required attribute."""
+        return FeatureSpec.from_attrs(self.metadata, path=self.path)
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per HDF5 chunk along N (256 for files that do not record it): reads aligned to it
+        touch whole chunks only."""
+        return int(self.metadata.get("chunk_rows", 256))
+
+    def array(self, kind: str):
+        """``spatial`` -> (N, P, C), ``pooled`` -> (N, C), stored dtype (float16 or float32): the
+        h5py dataset, or the numpy array when ``in_memory``. Raises ``ValueError`` for another kind."""
+        if kind == "spatial":
+            return self.spatial
+        if kind == "pooled":
+            return self.pooled
+        raise ValueError(f"kind must be spatial or pooled, got {kind}")
 
     @property
     def skipped(self) -> list[dict[str, str]]:

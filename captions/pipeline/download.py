@@ -245,42 +245,58 @@ def _attempt(url: str, part: Path, size: int | None, timeout: float, bar: tqdm) 
         raise _Transient(_reason(e)) from None
 
     with resp:
-        if resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:  # not the range we asked for: start over without Range
-                part.unlink(missing_ok=True)
-                raise _Transient(f"server answered the resume request with bytes from {start}, not {offset}")
-            mode = "ab"
-        elif resp.status == 200:
-            if offset:
-                log.debug("%s: server ignored the Range request; restarting from byte 0", url)
-            offset, mode = 0, "wb"  # "wb" truncates the stale part
-            length = resp.headers.get("Content-Length", "")
-            total = int(length) if length.strip().isdigit() else None
-        else:
-            raise _Transient(f"unexpected HTTP {resp.status} {resp.reason}")
-        if size is not None and total is not None and total != size:
-            raise CaptionsError(f"the server offers {total} bytes but the file should have {size}; "
-                                "wrong file or mirror?", url)
-        free = free_space(part.parent)
-        if total is not None and total - offset > free:
-            raise CaptionsError(f"not enough free disk space: {total - offset} more bytes needed, {free} free",
-                                part.parent)
+        offset, total, mode = _accepted_range(resp, url, part, offset, size)
         bar.reset(total=total)
         bar.update(offset)
-        received = 0
-        with open(part, mode) as f:
-            try:
-                while block := resp.read1(_CHUNK):
-                    f.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (OSError, http.client.HTTPException) as e:
-                raise _Transient(_reason(e), received) from None
+        received = _receive(resp, part, mode, bar)
     got = offset + received
     if total is not None and got < total:
         raise _Transient(f"connection closed after {got} of {total} bytes", received)
     return total
+
+
+def _accepted_range(resp: http.client.HTTPResponse, url: str, part: Path, offset: int,
+                    size: int | None) -> tuple[int, int | None, str]:
+    """Check the server's answer to a request from byte ``offset``: (offset the body starts at,
+    total size or None, file mode for ``part``). ``_Transient`` when the answer cannot be used as
+    is, ``CaptionsError`` when the file is the wrong size or does not fit on the disk."""
+    if resp.status == 206:
+        start, total = _content_range(resp.headers.get("Content-Range"))
+        if start != offset:  # not the range we asked for: start over without Range
+            part.unlink(missing_ok=True)
+            raise _Transient(f"server answered the resume request with bytes from {start}, not {offset}")
+        mode = "ab"
+    elif resp.status == 200:
+        if offset:
+            log.debug("%s: server ignored the Range request; restarting from byte 0", url)
+        offset, mode = 0, "wb"  # "wb" truncates the stale part
+        length = resp.headers.get("Content-Length", "")
+        total = int(length) if length.strip().isdigit() else None
+    else:
+        raise _Transient(f"unexpected HTTP {resp.status} {resp.reason}")
+    if size is not None and total is not None and total != size:
+        raise CaptionsError(f"the server offers {total} bytes but the file should have {size}; "
+                            "wrong file or mirror?", url)
+    free = free_space(part.parent)
+    if total is not None and total - offset > free:
+        raise CaptionsError(f"not enough free disk space: {total - offset} more bytes needed, {free} free",
+                            part.parent)
+    return offset, total, mode
+
+
+def _receive(resp: http.client.HTTPResponse, part: Path, mode: str, bar: tqdm) -> int:
+    """Copy the body into ``part`` (opened with ``mode``); return the bytes received.
+    ``_Transient`` (carrying the bytes received) when the connection breaks."""
+    received = 0
+    with open(part, mode) as f:
+        try:
+            while block := resp.read1(_CHUNK):
+                f.write(block)
+                received += len(block)
+                bar.update(len(block))
+        except (OSError, http.client.HTTPException) as e:
+            raise _Transient(_reason(e), received) from None
+    return received
 
 
 def hash_file(path: str | os.PathLike, algo: str, progress: bool = False) -> str:

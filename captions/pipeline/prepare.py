@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,23 +18,11 @@ from captions.errors import CaptionsError
 from captions.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
 from captions.pipeline.prepared import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 from captions.pipeline.resize import resize_all, store_name
+from captions.pipeline.settings import PrepareOptions
 from captions.pipeline.tokenize import get_tokenizer
 from captions.pipeline.vocab import Vocabulary
 
 log = logging.getLogger("captions")
-
-
-@dataclass
-class PrepareOptions:
-    """Everything that changes the prepared output (part of the run's fingerprint)."""
-
-    tokenizer: str = "simple"
-    lang: str = "en"
-    min_count: int = 5
-    max_length: int = 16
-    image_size: int = 256
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
 
 
 def read_records(fmt: str, sources: list[Path], images: Path | None, opts: PrepareOptions) -> list[ImageRecord]:
@@ -69,24 +57,25 @@ def clean_records(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[d
     return kept, skipped, empty
 
 
-def prepare(
-    fmt: str,
-    sources: list[str | Path],
-    out: str | Path,
-    images: str | Path | None = None,
-    options: PrepareOptions | None = None,
-    workers: int = -1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Prepare a dataset into ``out`` and return its manifest.
+@dataclass
+class _Job:
+    """One run's inputs and the identity (fingerprint) they give its output."""
 
-    ``fmt`` is one of ``coco``, ``flickr8k``, ``karpathy``, ``csv`` (``synthetic`` is handled by
-    ``prepare_synthetic``). Re-running with identical sources and options returns the existing
-    manifest without doing anything; an interrupted run resumes its resize.
-    """
-    opts = options or PrepareOptions()
-    tokenize = get_tokenizer(opts.tokenizer, opts.lang)  # fail on a bad tokenizer before any work
-    out = Path(out)
+    fmt: str
+    out: Path
+    sources: list[Path]
+    images_root: Path | None
+    opts: PrepareOptions
+    source_info: list[dict[str, str]] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def images_resolved(self) -> str | None:
+        return str(self.images_root.resolve()) if self.images_root is not None else None
+
+
+def _checked_inputs(sources: list[str | Path], images: str | Path | None) -> tuple[list[Path], Path | None]:
+    """Source files and the images folder as paths; ``CaptionsError`` when one does not exist."""
     src_paths = [Path(s) for s in sources]
     for s in src_paths:
         if not s.is_file():
@@ -94,29 +83,30 @@ def prepare(
     images_root = Path(images) if images is not None else None
     if images_root is not None and not images_root.is_dir():
         raise CaptionsError("--images folder not found", images_root)
+    return src_paths, images_root
 
-    existing = read_manifest(out)  # refuses another format version
-    source_info = [{"path": str(s.resolve()), "sha256": sha256_file(s)} for s in src_paths]
-    fingerprint = sha256_json({"format": fmt, "sources": [s["sha256"] for s in source_info],
-                               "images": str(images_root.resolve()) if images_root else None, **asdict(opts)})
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        log.info("%s: already prepared from the same sources and options; nothing to do", out)
-        return existing
-    if existing is not None:
-        log.info("%s: sources or options changed; preparing again", out)
-        (out / MANIFEST).unlink()  # the directory is incomplete until the new manifest lands
 
-    records = read_records(fmt, src_paths, images_root, opts)
+def _fingerprint(job: _Job) -> None:
+    """Hash the sources and everything else that changes the output into ``job``."""
+    job.source_info = [{"path": str(s.resolve()), "sha256": sha256_file(s)} for s in job.sources]
+    job.fingerprint = sha256_json({"format": job.fmt, "sources": [s["sha256"] for s in job.source_info],
+                                   "images": job.images_resolved, **asdict(job.opts)})
+
+
+def _usable_records(job: _Job, workers: int, progress: bool) -> tuple[list[ImageRecord], list[dict[str, str]], int]:
+    """Read, clean and resize the records: (records whose image resized, skipped [{image, reason}],
+    empty captions dropped). ``CaptionsError`` when no training image is left."""
+    records = read_records(job.fmt, job.sources, job.images_root, job.opts)
     if not records:
-        raise CaptionsError("no images found in the sources", src_paths[0])
+        raise CaptionsError("no images found in the sources", job.sources[0])
     records, skipped, empty = clean_records(records)
     if empty:
         log.warning("dropped %d empty caption(s)", empty)
 
-    store = out / "images"
+    store = job.out / "images"
     store.mkdir(parents=True, exist_ok=True)
     pairs = [(r.path, store / store_name(r.name)) for r in records]
-    reasons = resize_all(pairs, opts.image_size, workers=workers, progress=progress)
+    reasons = resize_all(pairs, job.opts.image_size, workers=workers, progress=progress)
     usable = []
     for r, reason in zip(records, reasons, strict=True):
         if reason is None:
@@ -126,18 +116,20 @@ def prepare(
     for s in skipped[:20]:
         log.warning("skipped %s: %s", s["image"], s["reason"])
     if len(skipped) > 20:
-        log.warning("... and %d more skipped images (all listed in %s)", len(skipped) - 20, out / MANIFEST)
+        log.warning("... and %d more skipped images (all listed in %s)", len(skipped) - 20, job.out / MANIFEST)
     if not any(r.split == "train" for r in usable):
         raise CaptionsError(f"no usable training images ({len(skipped)} skipped; see the messages above)",
-                            src_paths[0])
+                            job.sources[0])
+    return usable, skipped, empty
 
-    tokens = [[tokenize(c) for c in r.captions] for r in usable]
-    vocab = Vocabulary.build((t for r, ts in zip(usable, tokens, strict=True) if r.split == "train" for t in ts),
-                             opts.min_count)
+
+def _write_dataset(out: Path, usable: list[ImageRecord], tokens: list[list[list[str]]], vocab: Vocabulary,
+                   max_length: int) -> list[int]:
+    """Write annotations.json, captions.npz and vocab.json; return each caption row's image id."""
     encoded, image_ids = [], []
     for i, ts in enumerate(tokens):
         for t in ts:
-            encoded.append(vocab.encode(t, opts.max_length))
+            encoded.append(vocab.encode(t, max_length))
             image_ids.append(i)
     captions = np.stack(encoded).astype(np.int32)
     image_ids_arr = np.asarray(image_ids, dtype=np.int32)
@@ -152,27 +144,72 @@ def prepare(
         with open(tmp, "wb") as f:
             np.savez(f, captions=captions, image_ids=image_ids_arr)
     vocab.save(out / "vocab.json")
+    return image_ids
 
+
+def _manifest(job: _Job, vocab: Vocabulary, usable: list[ImageRecord], image_ids: list[int],
+              skipped: list[dict[str, str]], empty: int) -> dict[str, Any]:
+    """The manifest of the files just written (its key order is the file's)."""
     split_count = Counter(r.split for r in usable)
     caption_count = Counter(usable[i].split for i in image_ids)
-    manifest = {
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_format": fmt,
-        "sources": source_info,
-        "images_root": str(images_root.resolve()) if images_root else None,
-        "options": asdict(opts),
-        "fingerprint": fingerprint,
+        "source_format": job.fmt,
+        "sources": job.source_info,
+        "images_root": job.images_resolved,
+        "options": asdict(job.opts),
+        "fingerprint": job.fingerprint,
         "vocab_size": len(vocab),
         "vocab_hash": vocab.hash,
-        "dataset_hash": sha256_json({"annotations": sha256_file(out / "annotations.json"),
-                                     "captions": sha256_file(out / "captions.npz"), "vocab": vocab.hash}),
+        "dataset_hash": sha256_json({"annotations": sha256_file(job.out / "annotations.json"),
+                                     "captions": sha256_file(job.out / "captions.npz"), "vocab": vocab.hash}),
         "counts": {s: {"images": split_count.get(s, 0), "captions": caption_count.get(s, 0)} for s in SPLITS},
         "empty_captions": empty,
         "skipped_count": len(skipped),
         "skipped": skipped,
     }
+
+
+def prepare(
+    fmt: str,
+    sources: list[str | Path],
+    out: str | Path,
+    images: str | Path | None = None,
+    options: PrepareOptions | None = None,
+    workers: int = -1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare a dataset into ``out`` and return its manifest.
+
+    ``fmt`` is one of ``coco``, ``flickr8k``, ``karpathy``, ``csv`` (``synthetic`` is handled by
+    ``prepare_synthetic``). Re-running with identical sources and options returns the existing
+    manifest without doing anything; an interrupted run resumes its resize. Raises
+    ``CaptionsError`` for a missing source or images folder, an unknown format or tokenizer, an
+    ``out`` of another format version, or when no usable training image is left.
+    """
+    opts = options or PrepareOptions()
+    tokenize = get_tokenizer(opts.tokenizer, opts.lang)  # fail on a bad tokenizer before any work
+    out = Path(out)
+    src_paths, images_root = _checked_inputs(sources, images)
+    existing = read_manifest(out)  # refuses another format version before the sources are hashed
+    job = _Job(fmt, out, src_paths, images_root, opts)
+    _fingerprint(job)
+    if existing is not None and existing.get("fingerprint") == job.fingerprint:
+        log.info("%s: already prepared from the same sources and options; nothing to do", out)
+        return existing
+    if existing is not None:
+        log.info("%s: sources or options changed; preparing again", out)
+        (out / MANIFEST).unlink()  # the directory is incomplete until the new manifest lands
+
+    usable, skipped, empty = _usable_records(job, workers, progress)
+    tokens = [[tokenize(c) for c in r.captions] for r in usable]
+    # the vocabulary sees training captions only, so val/test words stay unknown as in deployment
+    vocab = Vocabulary.build((t for r, ts in zip(usable, tokens, strict=True) if r.split == "train" for t in ts),
+                             opts.min_count)
+    image_ids = _write_dataset(out, usable, tokens, vocab, opts.max_length)
+    manifest = _manifest(job, vocab, usable, image_ids, skipped, empty)
     write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks the directory complete
     return manifest
 

@@ -1,4 +1,4 @@
-"""Vocabulary with the four special tokens, caption encoding and ``decode_captions``."""
+"""Vocabulary with the four special tokens, caption encoding, and decoding (``caption_words``, ``decode_captions``)."""
 
 from __future__ import annotations
 
@@ -68,23 +68,35 @@ class Vocabulary:
         return cls(data["idx_to_token"])
 
 
+def caption_words(tokens: Sequence[int], idx_to_token: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Generated words of one token row (stops at <END>, drops <NULL>/<START>) and the decoding step
+    of each word (its attention map's index).
+
+    ``tokens``: a sequence of int ids (one row, e.g. ``ndarray.tolist()``); ``idx_to_token``: the
+    vocabulary's id -> word list. Returns (words, steps), two lists of equal length, ``steps[k]``
+    the index in ``tokens`` of ``words[k]``. ``IndexError`` for an id outside the vocabulary.
+    """
+    words, steps = [], []
+    for t, tok in enumerate(tokens):
+        if tok == END_ID:
+            break
+        if tok in (NULL_ID, START_ID):
+            continue
+        words.append(idx_to_token[tok])
+        steps.append(t)
+    return words, steps
+
+
 def decode_captions(ids: Any, vocab: Vocabulary | Sequence[str]) -> list[str] | str:
     """Turn caption ids back into strings.
 
-    ``ids``: a tensor/array/list of shape (T,) or (N, T). Decoding of a row stops at ``<END>``;
-    ``<NULL>`` and ``<START>`` are dropped. Returns one string for a 1-D input, else a list of N.
+    ``ids``: a tensor/array/list of int ids of shape (T,) or (N, T). Each row is decoded by
+    ``caption_words`` (stops at ``<END>``, drops ``<NULL>`` and ``<START>``) and its words joined
+    by spaces. Returns one string for a 1-D input, else a list of N.
     """
     itos = vocab.idx_to_token if isinstance(vocab, Vocabulary) else list(vocab)
     arr = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
     single = arr.ndim == 1
     rows = arr[None] if single else arr
-    out = []
-    for row in rows:
-        words = []
-        for i in row.tolist():
-            if i == END_ID:
-                break
-            if i not in (NULL_ID, START_ID):
-                words.append(itos[i])
-        out.append(" ".join(words))
+    out = [" ".join(caption_words(row.tolist(), itos)[0]) for row in rows]
     return out[0] if single else out

@@ -1,1 +1,2 @@
-"""Caption decoders (rnn, lstm, attn) and the trainer that fits them from a feature cache."""
+"""The trainer: ``train`` fits a registered decoder from a feature cache, in phases (cross-entropy,
+then self-critical), resumably; see ``captions.trainer.train``."""

@@ -1,53 +1,86 @@
-"""``TrainConfig``: every setting of ``captions train``, with its default.
+"""``TrainConfig``: every setting of ``captions train``, its default and its help text.
 
-Kept free of torch so that the command line can show these defaults in ``--help`` without
-importing torch at start-up.
+Written once: ``captions train``'s options are generated from these fields (``captions.options``)
+and the decoder's own settings from its config dataclass in ``captions.models.registry``. Kept free
+of torch so that ``--help`` does not import it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from captions.errors import CaptionsError
+from captions.models.registry import decoder_config, decoder_setting_names
+from captions.options import option_fields, setting
 
 
 @dataclass
 class TrainConfig:
-    """Everything ``captions train`` can be told; stored in every checkpoint."""
+    """Everything ``captions train`` can be told; stored in every checkpoint.
+
+    ``model`` is a registered decoder name; ``decoder`` holds its settings (fields of its config
+    dataclass, e.g. ``{"attention": "additive"}``); those left out take the decoder's defaults.
+    ``from_dict`` also takes the decoder's settings at the top level (as older checkpoints and
+    config files write them).
+    """
 
     model: str = "attn"
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attention: str = "dot"
-    attention_dim: int = 256
-    dropout: float = 0.5
-    embed_dropout: float = 0.0
-    feature_as_input: bool = False
-    # additive attention's doubly stochastic regulariser, summed over the positions like the summed
-    # caption loss; at 1.0 it outweighs that loss about 2:1 and held ucm's greedy CIDEr back
-    ds_lambda: float = 0.1
-    loss: str = "sum"
-    label_smoothing: float = 0.1
-    grad_clip: float = 5.0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    ema: float = 0.0  # decay of the weights' exponential moving average (0: off)
-    patience: int = 5
-    scst_epochs: int = 8  # self-critical epochs after the cross-entropy ones (0: none)
-    scst_lr: float = 5e-5
-    scst_start: str = "loss"  # loss | cider: self-critical training starts from the cross-entropy epoch
-    # of the lowest val loss or of the best val CIDEr
-    scst_samples: int = 5  # sampled captions per image
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16: autocast of the decoder's matrix products
-    ram_budget_gb: float = 4.0
-    checkpoint_every: int = 500
-    eval_batch_size: int = 256
+    decoder: dict[str, Any] = field(default_factory=dict)
+    epochs: int = setting(20, "Cross-entropy epochs (the cosine schedule spans them).", min=1)
+    batch_size: int = setting(128, "Most captions per batch; a batch holds whole images (all their captions).",
+                              min=1)
+    lr: float = setting(1e-3, "Adam learning rate (peak).")
+    loss: str = setting("sum", "sum: summed over time, averaged over the batch (classic); mean: per token.",
+                        choices=("sum", "mean"))
+    label_smoothing: float = setting(0.1, "Label smoothing of the training loss (val loss is reported without it).",
+                                     min=0, max=0.5)
+    grad_clip: float = setting(5.0, "Max gradient norm (0: off).")
+    schedule: str = setting("cosine", "Learning-rate schedule of the cross-entropy epochs: cosine decays to 5 %, "
+                                      "step halves at 50 % and 75 %.", choices=("cosine", "step", "none"))
+    weight_decay: float = setting(0.0, "Adam weight decay.")
+    ema: float = setting(0.0, "Evaluate and ship an exponential moving average of the weights with this decay per "
+                              "step (0: off).", min=0, max=0.999999)
+    patience: int = setting(5, "Early stopping: epochs without a better val CIDEr.", min=1)
+    scst_epochs: int = setting(8, "Self-critical epochs after the cross-entropy ones: sample captions, reward them "
+                                  "with their CIDEr-D against the image's references (baseline: the image's other "
+                                  "samples).", min=0)
+    scst_lr: float = setting(5e-5, "Learning rate of the self-critical epochs (constant).")
+    scst_start: str = setting("loss", "The cross-entropy epoch self-critical training starts from. loss: the lowest "
+                                      "val loss (kept as scst_start.pt); cider: the best greedy val CIDEr (best.pt).",
+                              choices=("loss", "cider"))
+    scst_samples: int = setting(5, "Captions sampled per image in self-critical training.", min=2)
+    seed: int = setting(0, "Seed of the initial weights, the batch order and the dropout masks.")
+    device: str = setting("auto", "Where to train (auto: CUDA when torch sees one).", choices=("auto", "cpu", "cuda"))
+    precision: str = setting("auto", "Decoder autocast. auto: bf16 on CUDA and on CPUs with native bf16 (about 2x "
+                                     "faster), else fp32. Weights, optimizer and loss stay fp32.",
+                             choices=("auto", "fp32", "bf16"))
+    ram_budget_gb: float = setting(4.0, "Keep features in RAM when they fit, else stream them from the HDF5 cache.")
+    checkpoint_every: int = setting(500, "Also save last.pt every N steps (0: only at epoch ends).", min=0)
+    eval_batch_size: int = setting(256, "Images decoded at once in the val evaluation after each epoch.", min=1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> TrainConfig:
+        """A config from a mapping: training settings, ``model``, ``decoder`` and/or the decoder's
+        settings at the top level. ``strict``: an unknown name raises ``CaptionsError`` (config
+        files); otherwise it is ignored (checkpoints of other versions)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        own = {k: v for k, v in d.items() if k in names and k != "decoder"}
+        dec_names = decoder_setting_names()
+        flat = {k: v for k, v in d.items() if k in dec_names and k not in names}
+        unknown = sorted(set(d) - names - dec_names)
+        if strict and unknown:
+            raise CaptionsError(f"unknown setting(s): {', '.join(unknown)}")
+        cfg = cls(**own)
+        cfg.decoder = {**flat, **dict(d.get("decoder") or {})}
+        return cfg
+
+    def decoder_settings(self) -> dict[str, Any]:
+        """Every option setting of ``model``'s decoder: the defaults updated with ``decoder``."""
+        dcfg = decoder_config(self.model, self.decoder)
+        return {f.name: getattr(dcfg, f.name) for f in option_fields(type(dcfg))}
+
+    def resolved(self) -> dict[str, Any]:
+        """This config as written to the run directory: the decoder's settings all spelled out."""
+        return {**dataclasses.asdict(self), "decoder": self.decoder_settings()}

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from captions.features.cache import FeatureCache
+from captions.pipeline.prepared import PreparedDataset
+from captions.pipeline.vocab import NULL_ID
 
 log = logging.getLogger("captions")
 
@@ -48,6 +50,14 @@ def epoch_batches(rows: np.ndarray, image_of_row: np.ndarray, batch_size: int, s
     return [rows[a:e] for a, e in zip(edges[:-1], edges[1:], strict=True) if e > a]
 
 
+def caption_tokens(ds: PreparedDataset, rows: np.ndarray) -> torch.Tensor:
+    """Token ids of caption ``rows`` (N,) as a long tensor (N, T'), without the all-``<NULL>``
+    tail columns."""
+    caps = torch.from_numpy(ds.captions[rows]).long()
+    longest = int((caps != NULL_ID).sum(dim=1).max())
+    return caps[:, :longest]
+
+
 def images_of_batch(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """image ids of a batch's captions (N,) -> (its distinct images (M,) in order of first
     appearance, the position of each caption's image among them (N,))."""
@@ -68,7 +78,7 @@ class FeatureStore:
 
     def __init__(self, cache: FeatureCache, spatial: bool, ram_budget: int, device: torch.device) -> None:
         self.cache, self.spatial, self.device = cache, spatial, device
-        ds = cache._file["spatial" if spatial else "pooled"]
+        ds = cache.array("spatial" if spatial else "pooled")
         self.dataset = ds
         row_bytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
         self.in_ram = row_bytes * ds.shape[0] <= ram_budget
@@ -77,7 +87,7 @@ class FeatureStore:
             self.array = torch.from_numpy(ds[:])
             log.info("features in RAM: %.1f MB", self.array.numel() * self.array.element_size() / 1e6)
         else:
-            chunk = int(cache.metadata.get("chunk_rows", 256))
+            chunk = cache.chunk_rows
             # two blocks live at once (current + prefetched): each gets a third of the budget
             self.block_images = max(chunk, (ram_budget // 3 // row_bytes) // chunk * chunk)
             log.info("features streamed from %s in blocks of %d images (%.0f MB each)", cache.path,

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from captions.cider import CiderD
+from captions.generation import sample_captions
+from captions.models.base import CaptionDecoder
 from captions.pipeline.prepared import PreparedDataset
-from captions.pipeline.vocab import END, END_ID, NULL_ID, START_ID
-from captions.trainer.models import CaptionDecoder
+from captions.pipeline.vocab import END, NULL_ID
 
 
 def train_references(ds: PreparedDataset, image_ids: np.ndarray) -> CiderD:
@@ -24,32 +25,6 @@ def train_references(ds: PreparedDataset, image_ids: np.ndarray) -> CiderD:
     of a finished one, and self-critical training learns such bad endings.
     """
     return CiderD({int(i): [[*toks, END] for toks in ds.images[int(i)]["tokens"]] for i in image_ids})
-
-
-def sample_captions(model: CaptionDecoder, feats: torch.Tensor, k: int, max_length: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``k`` captions per image, keeping the graph of their log-probabilities.
-
-    feats (M, C) or (M, P, C). Returns tokens (M * k, L) (each image's k samples consecutive,
-    ``<NULL>`` after ``<END>``, L <= max_length) and the log-probability of each sampled token
-    (M * k, L), zero after ``<END>``.
-    """
-    state = model.expand_state(model.init_state(feats), k)
-    n = feats.shape[0] * k
-    tokens = torch.full((n,), START_ID, dtype=torch.long, device=feats.device)
-    done = torch.zeros(n, dtype=torch.bool, device=feats.device)
-    seqs, logps = [], []
-    for _ in range(max_length):
-        logits, state, _ = model.step(tokens, state)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
-        tokens = tokens.masked_fill(done, NULL_ID)
-        seqs.append(tokens)
-        logps.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
-        done = done | (tokens == END_ID)
-        if bool(done.all()):
-            break
-    return torch.stack(seqs, dim=1), torch.stack(logps, dim=1)
 
 
 def self_critical_loss(model: CaptionDecoder, feats: torch.Tensor, image_ids: np.ndarray, cider: CiderD,

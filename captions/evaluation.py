@@ -15,21 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from captions.captioner import load_decoder
-from captions.decoding import decode
 from captions.errors import CaptionsError
 from captions.features.cache import FeatureCache
+from captions.features.spec import FeatureSpec
 from captions.fsutil import write_json_atomic
+from captions.generation import caption_images
 from captions.metrics import java_available, score_captions
+from captions.models.checkpoint import load_decoder
 from captions.pipeline.prepared import PreparedDataset, load_prepared
-from captions.pipeline.vocab import decode_captions
 from captions.runtime import resolve_device
 
 log = logging.getLogger("captions")
 
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-# feature-cache attributes that must equal the checkpoint's for its decoder to read the cache
-MATCH_KEYS = ("backbone", "weights", "image_size", "spatial_shape", "channels")
 
 
 def default_eval_dir(checkpoint: Path, split: str, beam_size: int) -> Path:
@@ -38,19 +36,14 @@ def default_eval_dir(checkpoint: Path, split: str, beam_size: int) -> Path:
 
 
 def check_compatible(ckpt: dict[str, Any], cache: FeatureCache, vocab_hash: str, checkpoint: Path) -> None:
-    """Refuse a cache made with another backbone setup, or a dataset with another vocabulary."""
-    meta = ckpt.get("features") or {}
-    diff = [k for k in MATCH_KEYS if _plain(meta.get(k)) != _plain(cache.metadata.get(k))]
-    if diff:
-        what = ", ".join(f"{k} {meta.get(k)!r} vs {cache.metadata.get(k)!r}" for k in diff)
-        raise CaptionsError(f"the checkpoint was trained on other features than {cache.path} ({what})", checkpoint)
+    """Refuse a cache whose features the checkpoint's decoder cannot read (``FeatureSpec.DECODER_KEYS``
+    differ), or a dataset with another vocabulary. Raises ``CaptionsError`` naming the checkpoint."""
+    FeatureSpec.from_dict(ckpt.get("features") or {}, path=checkpoint).require_compatible(
+        cache.spec, FeatureSpec.DECODER_KEYS, what=f"the checkpoint was trained on other features than {cache.path}",
+        path=checkpoint)
     if ckpt["vocab"].get("hash") != vocab_hash:
         raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another prepared "
                             "dataset?): token ids would not match", checkpoint)
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, features: str | os.PathLike,
@@ -83,16 +76,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
             log.warning("%d %s image(s) have no features (unreadable at extraction); left out",
                         int((~valid).sum()), split)
         ids = ids[valid]
-        source = cache.spatial if dec.model.uses_spatial else cache.pooled
-        preds: dict[int, str] = {}
+        source = cache.array("spatial" if dec.model.uses_spatial else "pooled")
+
+        def features(batch: np.ndarray) -> torch.Tensor:  # ids ascending: one h5py read per batch
+            return torch.from_numpy(np.asarray(source[batch])).to(dev).float()
+
         bar = tqdm(total=len(ids), desc=f"decode {split}", unit="img", disable=not progress)
-        for i in range(0, len(ids), batch_size):
-            batch = ids[i : i + batch_size]  # ascending: one h5py read
-            feats = torch.from_numpy(np.asarray(source[batch])).to(dev).float()
-            tokens, _, _ = decode(dec.model, feats, dec.max_length + 1, beam_size, length_penalty)
-            for img, text in zip(batch.tolist(), decode_captions(tokens.cpu(), dec.idx_to_token), strict=True):
-                preds[img] = text
-            bar.update(len(batch))
+        preds = caption_images(dec.model, ids, features, dec.max_length + 1, dec.idx_to_token, batch_size, beam_size,
+                               length_penalty, on_batch=bar.update)
         bar.close()
     decode_s = time.perf_counter() - t0
     record = {"checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),

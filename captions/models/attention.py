@@ -1,164 +1,16 @@
-"""Caption decoders. One registry (``DECODERS``); each decoder runs in two modes:
-
-* teacher forcing: ``forward(feats, tokens, image_index=None) -> (logits (N, T, V), alphas (N, T, P) or None)``;
-  with ``image_index`` (N,), ``feats`` holds each image once (M, ...) and caption n belongs to image
-  ``image_index[n]``, so whatever depends on the image alone is computed once per image.
-* step by step (decoding): ``init_state(feats) -> state``; ``step(tokens (B,), state) ->
-  (logits (B, V), state, alpha (B, P) or None)``. ``state`` is a dict of batch-first tensors, so a
-  beam search reorders it with ``index_select(0, idx)``. ``expand_state(state, k)`` turns the
-  state of M images into that of k captions each; the entries named in ``image_keys`` stay one row
-  per image and ``step`` groups the captions over them.
-
-``feats`` is the pooled feature (N, C) for ``rnn``/``lstm`` and the spatial feature (N, P, C) for
-``attn`` (``uses_spatial`` says which).
-"""
+"""The attention LSTM over spatial features: scaled dot-product or additive (Show, Attend and Tell)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captions.models.base import CaptionDecoder, State
+from captions.models.registry import AttnConfig
 from captions.pipeline.vocab import END_ID, NULL_ID
-
-State = dict[str, torch.Tensor]
-
-
-def select_state(state: State, index: torch.Tensor) -> State:
-    """Rows ``index`` (B,) of every tensor of a batch-first decoder state."""
-    return {name: v.index_select(0, index) for name, v in state.items()}
-
-
-class MaskDropout(nn.Dropout):
-    """``nn.Dropout`` with its mask drawn by ``torch.rand``: on CPU that is 2x faster than the
-    ``bernoulli_`` behind ``F.dropout`` (forward and backward of a 1500 x 512 batch: 5.8 vs 13.8 ms
-    here), a visible share of a training step. Same module, same state_dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.p == 1:
-            return x * 0
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
-
-
-@dataclass
-class DecoderConfig:
-    """Hyper-parameters shared by every decoder."""
-
-    vocab_size: int
-    feature_dim: int
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    dropout: float = 0.5  # before the output layer
-    embed_dropout: float = 0.0  # on the word embeddings fed to the recurrent cell
-    attention: str = "dot"  # attn only: dot | additive
-    attention_dim: int = 256  # attn additive only
-    feature_as_input: bool = False  # lstm only: Show and Tell (feature fed as the first input)
-
-
-class CaptionDecoder(nn.Module):
-    """Shared parts: word embedding and the output layer (with dropout before it)."""
-
-    uses_spatial = False
-
-    def __init__(self, cfg: DecoderConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=NULL_ID)
-        self.embed_drop = MaskDropout(cfg.embed_dropout)
-        self.drop = MaskDropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
-
-    image_keys: tuple[str, ...] = ()  # state entries that depend on the image alone, never on the words
-
-    def expand_state(self, state: State, k: int) -> State:
-        """A state of M images -> the state of M * k captions (each image's k captions consecutive);
-        ``image_keys`` entries stay one row per image (``step`` groups the captions over them)."""
-        if k == 1:
-            return state
-        return {name: v if name in self.image_keys else v.repeat_interleave(k, dim=0) for name, v in state.items()}
-
-    def words(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (...) -> embeddings (..., E), with dropout while training."""
-        return self.embed_drop(self.embed(tokens))
-
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def init_state(self, feats: torch.Tensor) -> State:
-        raise NotImplementedError
-
-
-class RNNDecoder(CaptionDecoder):
-    """Vanilla tanh RNN; h0 = affine projection of the pooled feature (N, C) -> (N, H)."""
-
-    recurrent = nn.RNN
-
-    def __init__(self, cfg: DecoderConfig) -> None:
-        super().__init__(cfg)
-        self.init_h = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
-        self.rnn = self.recurrent(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
-
-    def _hidden0(self, feats: torch.Tensor):
-        return self.init_h(feats).unsqueeze(0)  # (1, N, H)
-
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor,
-                image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        """feats (N, C) (or (M, C) with ``image_index`` (N,)), tokens (N, T) -> logits (N, T, V).
-        The whole sequence runs in one cuDNN/oneDNN call."""
-        if image_index is not None:
-            feats = feats.index_select(0, image_index)
-        hs, _ = self.rnn(self.words(tokens), self._hidden0(feats))
-        return self.out(self.drop(hs)), None
-
-    def init_state(self, feats: torch.Tensor) -> State:
-        return {"h": self._hidden0(feats).squeeze(0)}
-
-    def _pack(self, state: State):
-        return state["h"].unsqueeze(0).contiguous()
-
-    def _unpack(self, hidden) -> State:
-        return {"h": hidden.squeeze(0)}
-
-    def step(self, tokens: torch.Tensor, state: State):
-        hs, hidden = self.rnn(self.words(tokens).unsqueeze(1), self._pack(state))
-        return self.out(hs.squeeze(1)), self._unpack(hidden), None
-
-
-class LSTMDecoder(RNNDecoder):
-    """LSTM; h0 and c0 are affine projections of the pooled feature, or (``feature_as_input``,
-    Show and Tell) zero with the projected feature fed as the first input."""
-
-    recurrent = nn.LSTM
-
-    def __init__(self, cfg: DecoderConfig) -> None:
-        super().__init__(cfg)
-        if cfg.feature_as_input:
-            del self.init_h
-            self.feat_in = nn.Linear(cfg.feature_dim, cfg.embed_dim)
-        else:
-            self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
-
-    def _hidden0(self, feats: torch.Tensor):
-        if self.cfg.feature_as_input:
-            _, hidden = self.rnn(self.feat_in(feats).unsqueeze(1))  # zero state, feature as input -1
-            return hidden
-        return self.init_h(feats).unsqueeze(0), self.init_c(feats).unsqueeze(0)
-
-    def init_state(self, feats: torch.Tensor) -> State:
-        h, c = self._hidden0(feats)
-        return {"h": h.squeeze(0), "c": c.squeeze(0)}
-
-    def _pack(self, state: State):
-        return state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()
-
-    def _unpack(self, hidden) -> State:
-        return {"h": hidden[0].squeeze(0), "c": hidden[1].squeeze(0)}
 
 
 class AttentionDecoder(CaptionDecoder):
@@ -168,7 +20,7 @@ class AttentionDecoder(CaptionDecoder):
     gates = W_x x_t + W_h h_{t-1} + W_attn x_attn + b.
     ``additive`` (Show, Attend and Tell): scores = v . tanh(W_f A + W_h' h_{t-1}), a sigmoid gate
     beta(h_{t-1}) scales the context, dropout before the output layer, and the doubly stochastic
-    regulariser is computed by the trainer from the returned attention weights.
+    regulariser (``auxiliary_loss``) is computed from the returned attention weights.
     h0 and c0 are affine projections of the mean feature in both.
 
     Per batch, everything that does not depend on h is computed once (A, W_x x_t for all t (per
@@ -178,10 +30,9 @@ class AttentionDecoder(CaptionDecoder):
     it saves whenever there are more positions than words.)
     """
 
-    uses_spatial = True
     image_keys = ("A", "A_att")
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: AttnConfig) -> None:
         super().__init__(cfg)
         H = cfg.hidden_dim
         self.proj = nn.Linear(cfg.feature_dim, H)
@@ -294,6 +145,13 @@ class AttentionDecoder(CaptionDecoder):
         logits = self.out(self.drop(hs_t.reshape(N * T, -1).index_select(0, where)))
         return logits.new_zeros(N * T, logits.shape[1]).index_copy(0, where, logits).view(N, T, -1), alphas_t
 
+    def auxiliary_loss(self, alphas: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+        """Additive attention: ``ds_lambda`` x the doubly stochastic penalty of ``alphas`` (N, T, P)
+        (``doubly_stochastic_penalty``); dot attention has none."""
+        if self.cfg.attention != "additive" or self.cfg.ds_lambda <= 0 or alphas is None:
+            return None
+        return self.cfg.ds_lambda * doubly_stochastic_penalty(alphas.float(), targets)
+
     def step(self, tokens: torch.Tensor, state: State):
         context, alpha = self._attend(state["h"], state)
         h, c = self._lstm(self.input_gates(tokens), state["h"], state["c"], context)
@@ -320,32 +178,6 @@ def caption_slots(image_index: torch.Tensor, num_images: int) -> tuple[int, torc
     if num_images * S == n and bool((slots == torch.arange(n, device=slots.device)).all()):
         return S, None
     return S, slots
-
-
-DECODERS: dict[str, type[CaptionDecoder]] = {"rnn": RNNDecoder, "lstm": LSTMDecoder, "attn": AttentionDecoder}
-
-
-def build_decoder(model: str, cfg: DecoderConfig) -> CaptionDecoder:
-    """Instantiate decoder ``model`` (``rnn``, ``lstm`` or ``attn``)."""
-    if model not in DECODERS:
-        raise ValueError(f"unknown model '{model}' (choose one of: {', '.join(DECODERS)})")
-    return DECODERS[model](cfg)
-
-
-def caption_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum",
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Temporal softmax cross-entropy ignoring ``<NULL>`` targets.
-
-    logits (N, T, V), targets (N, T). ``sum``: summed over time, averaged over the batch (the
-    classic formulation); ``mean``: averaged over the non-null tokens.
-    """
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=NULL_ID, reduction="sum", label_smoothing=label_smoothing)
-    if reduction == "sum":
-        return flat / targets.shape[0]
-    if reduction == "mean":
-        return flat / (targets != NULL_ID).sum().clamp_min(1)
-    raise ValueError(f"reduction must be sum or mean, got {reduction}")
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The decoder registry: each decoder's name, its settings dataclass and where its module lives.
+
+Imports no torch: the command line builds ``captions train``'s options and choices from here, and
+tests read the names. Adding a decoder is one new module in ``captions/models/`` (a
+``CaptionDecoder`` subclass) plus one ``register(...)`` line below with its config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from captions.errors import CaptionsError
+from captions.options import internal, setting
+
+
+@dataclass
+class DecoderConfig:
+    """Settings every decoder has. ``vocab_size`` and ``feature_dim`` come from the data."""
+
+    uses_spatial: ClassVar[bool] = False  # reads the spatial features (N, P, C), else the pooled (N, C)
+    vocab_size: int = internal(0)
+    feature_dim: int = internal(0)
+    embed_dim: int = setting(256, "Word embedding size.", min=1)
+    hidden_dim: int = setting(512, "Recurrent state size.", min=1)
+    dropout: float = setting(0.5, "Dropout before the output layer.", min=0, max=0.95)
+    embed_dropout: float = setting(0.0, "Dropout on the word embeddings fed to the recurrent cell.", min=0, max=0.95)
+
+
+@dataclass
+class RNNConfig(DecoderConfig):
+    """Vanilla tanh RNN (Karpathy and Fei-Fei 2015): h0 from the pooled feature."""
+
+
+@dataclass
+class LSTMConfig(DecoderConfig):
+    """LSTM (Vinyals et al. 2015, Show and Tell)."""
+
+    feature_as_input: bool = setting(False, "Feed the projected feature as the first input (Show and Tell) "
+                                            "instead of projecting it to h0/c0.")
+
+
+@dataclass
+class AttnConfig(DecoderConfig):
+    """Attention LSTM over the spatial features (Xu et al. 2015, Show, Attend and Tell)."""
+
+    uses_spatial: ClassVar[bool] = True
+    attention: str = setting("dot", "Scaled dot-product attention, or Show-Attend-Tell additive attention "
+                                    "with its gate and doubly stochastic regulariser.", choices=("dot", "additive"))
+    attention_dim: int = setting(256, "additive only: size of the attention MLP.", min=1)
+    # summed over the positions like the summed caption loss: at 1.0 it outweighs that loss about
+    # 2:1 and held ucm's greedy CIDEr back (benchmarks/README.md)
+    ds_lambda: float = setting(0.1, "additive only: weight of the doubly stochastic regulariser "
+                                    "lambda * sum_positions (1 - sum_t alpha)^2, added to the caption loss.", min=0)
+
+
+@dataclass(frozen=True)
+class DecoderEntry:
+    """One registered decoder: its settings class, ``module:Class`` of its implementation, a summary."""
+
+    name: str
+    config: type[DecoderConfig]
+    target: str
+    summary: str
+
+    @property
+    def uses_spatial(self) -> bool:
+        return self.config.uses_spatial
+
+    def load_class(self) -> Any:
+        """The decoder's ``nn.Module`` class (imports torch and its module)."""
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+DECODERS: dict[str, DecoderEntry] = {}
+
+
+def register(entry: DecoderEntry) -> None:
+    DECODERS[entry.name] = entry
+
+
+register(DecoderEntry("rnn", RNNConfig, "captions.models.rnn:RNNDecoder", "vanilla RNN on the pooled feature"))
+register(DecoderEntry("lstm", LSTMConfig, "captions.models.rnn:LSTMDecoder", "LSTM on the pooled feature"))
+register(DecoderEntry("attn", AttnConfig, "captions.models.attention:AttentionDecoder",
+                      "attention LSTM over the spatial features"))
+
+
+def decoder_entry(name: str) -> DecoderEntry:
+    """The registered decoder ``name``. Raises ``CaptionsError`` listing the names."""
+    if name not in DECODERS:
+        raise CaptionsError(f"unknown model '{name}' (choose one of: {', '.join(DECODERS)})")
+    return DECODERS[name]
+
+
+def decoder_config(name: str, settings: dict[str, Any] | None = None, **more: Any) -> DecoderConfig:
+    """Decoder ``name``'s config from ``settings`` and keyword arguments; settings of other
+    decoders are ignored (a checkpoint of an older version stored every decoder's in one dict).
+    Raises ``CaptionsError`` for an unknown decoder or a value of the wrong type."""
+    cls = decoder_entry(name).config
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in {**(settings or {}), **more}.items() if k in names}
+    return cls(**values)
+
+
+def decoder_setting_names() -> set[str]:
+    """Every setting any registered decoder has."""
+    return {f.name for e in DECODERS.values() for f in dataclasses.fields(e.config)}

@@ -1,0 +1,203 @@
+"""``TrainingRun``: everything one training run holds (data, features, decoder, optimizer, EMA,
+schedule, state, process group) and how it becomes a checkpoint and comes back from one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captions.distributed import Distributed, join
+from captions.errors import CaptionsError
+from captions.features.cache import FeatureCache
+from captions.features.spec import FeatureSpec
+from captions.models.checkpoint import build_decoder, load_checkpoint, save_checkpoint
+from captions.models.registry import decoder_config
+from captions.pipeline.prepared import PreparedDataset, load_prepared
+from captions.trainer.config import TrainConfig
+from captions.trainer.control import ema_update, rng_state, set_rng_state, train_precision
+from captions.trainer.data import FeatureStore, epoch_batches
+from captions.trainer.phases import CrossEntropy, SelfCritical
+from captions.trainer.state import TrainState
+
+log = logging.getLogger("captions")
+
+
+def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig,
+                 resume: bool) -> tuple[dict[str, Any] | None, TrainConfig]:
+    """The checkpoint to continue from (None: a new run) and the config to run with: on resume the
+    stored one, with this call's ``epochs`` and ``device``. Raises ``CaptionsError`` when ``out``
+    holds a run and ``resume`` is off, or the run was trained on another dataset or other features."""
+    last = out / "last.pt"
+    if not resume:
+        if last.exists():
+            raise CaptionsError("already holds a training run; pass --resume to continue it, or choose another "
+                                "--out", out)
+        return None, cfg
+    if not last.exists():
+        log.info("nothing to resume in %s; starting a new run", out)
+        return None, cfg
+    ckpt = load_checkpoint(last)
+    if ckpt["vocab"]["hash"] != ds.vocab.hash:
+        raise CaptionsError(f"checkpoint vocabulary (hash {ckpt['vocab']['hash'][:12]}) differs from the "
+                            f"dataset's ({ds.vocab.hash[:12]}): it was trained on another prepared dataset", last)
+    if ckpt["dataset_hash"] != ds.dataset_hash:
+        raise CaptionsError("checkpoint was trained on another prepared dataset (dataset_hash differs)", last)
+    FeatureSpec.from_dict(ckpt["features"]).require_compatible(
+        cache.spec, FeatureSpec.DECODER_KEYS, what=f"the run was trained on other features than {cache.path}",
+        path=last)
+    # settings a run from an older version lacks take the behaviour it was started with
+    old = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
+    return ckpt, TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
+
+
+class TrainingRun:
+    """One run's objects. Built by ``TrainingRun.open``; ``checkpoint()`` is its whole state."""
+
+    def __init__(self, out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig) -> None:
+        self.out, self.ds, self.cache, self.cfg = out, ds, cache, cfg
+        self.state = TrainState()
+        self.dist: Distributed = join(cfg.device)
+        self.device = self.dist.device
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        torch.set_flush_denormal(True)  # tiny sigmoid/tanh gradients otherwise hit the slow denormal path on CPU
+        self._select_rows()
+        self.dcfg = decoder_config(cfg.model, cfg.decoder, vocab_size=len(ds.vocab), feature_dim=cache.channels)
+        self.core = build_decoder(cfg.model, self.dcfg).to(self.device)
+        self.store = FeatureStore(cache, self.core.uses_spatial, int(cfg.ram_budget_gb * 2**30), self.device)
+        self.optimizer = torch.optim.Adam(self.core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the averaged weights are what is evaluated and shipped (state_dict); the raw ones resume training
+        self.ema = (torch.optim.swa_utils.AveragedModel(self.core, avg_fn=ema_update(cfg.ema))
+                    if cfg.ema > 0 else None)
+        self.shipped = self.ema.module if self.ema is not None else self.core
+        # batches hold whole images, so their number varies a little from epoch to epoch: the schedule
+        # counts on the first epoch's
+        self.total_steps = len(self.epoch_batches(0, split=False)) // self.dist.world * cfg.epochs
+        self.phases = {"cross-entropy": CrossEntropy(self), "self-critical": SelfCritical(self)}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        self.model: torch.nn.Module = self.core
+        self._amp_dtype = train_precision(cfg.precision, self.device)
+        self.epochs_run = 0
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike,
+             cfg: TrainConfig, resume: bool) -> tuple[TrainingRun | None, dict[str, Any]]:
+        """(the run, None) to train, or (None, the result) when a resumed run had already stopped early."""
+        out, ds = Path(out_dir), load_prepared(data_dir)
+        cache = FeatureCache(features)
+        cache.check_dataset(ds.dataset_hash, what=str(data_dir))
+        try:
+            ckpt, cfg = resume_point(out, ds, cache, cfg, resume)
+        except BaseException:
+            cache.close()
+            raise
+        if ckpt is not None and ckpt.get("early_stopped"):  # before any features are loaded: nothing to do
+            log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to resume",
+                     out / "last.pt", ckpt["epoch"], ckpt["bad_epochs"])
+            cache.close()
+            return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
+        run = cls(out, ds, cache, cfg)
+        if ckpt is not None:
+            run.restore(ckpt)
+        run.wrap_for_ddp()
+        log.info("training on %s in %s", run.device,
+                 "fp32" if run._amp_dtype is None else str(run._amp_dtype).removeprefix("torch."))
+        return run, {}
+
+    def _select_rows(self) -> None:
+        """Train caption rows, val image ids and val caption rows that have features."""
+        ds, valid = self.ds, self.cache.valid
+        rows = ds.split_caption_rows("train")
+        dropped = int((~valid[ds.image_ids[rows]]).sum())
+        if dropped:
+            log.warning("%d train captions belong to images without features (unreadable at extraction); left out",
+                        dropped)
+        self.train_rows = rows[valid[ds.image_ids[rows]]]
+        if len(self.train_rows) == 0:
+            raise CaptionsError("no training captions with features", ds.root)
+        self.val_ids = np.array([i for i in ds.split_image_ids("val") if valid[i]], dtype=np.int64)
+        val_rows = ds.split_caption_rows("val")
+        self.val_rows = val_rows[valid[ds.image_ids[val_rows]]]
+        if len(self.val_ids) == 0:
+            log.warning("no val split: no evaluation, no early stopping, best.pt = last epoch")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.epochs + self.cfg.scst_epochs
+
+    def epoch_batches(self, epoch: int, split: bool = True) -> list[np.ndarray]:
+        """The caption-row batches of ``epoch``; under DDP (``split``) this rank's share, every rank
+        taking the same number of steps."""
+        batches = epoch_batches(self.train_rows, self.ds.image_ids, self.cfg.batch_size, self.cfg.seed, epoch,
+                                self.store.block_images)
+        world, rank = self.dist.world, self.dist.rank
+        if split and world > 1:
+            batches = batches[: len(batches) // world * world][rank::world]
+        return batches
+
+    def phase(self) -> CrossEntropy | SelfCritical:
+        """The phase of the current epoch."""
+        return self.phases[self.state.phase(self.cfg.epochs)]
+
+    def lr_lambda(self, step: int) -> float:
+        """The learning-rate factor at global ``step``: the self-critical phase's from the step it began."""
+        if self.state.scst_from is not None and step >= self.state.scst_from:
+            return self.phases["self-critical"].lr_factor(step)
+        return self.phases["cross-entropy"].lr_factor(step)
+
+    def autocast(self) -> AbstractContextManager:
+        """The decoder's autocast (``--precision``), or nothing for fp32."""
+        if self._amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self._amp_dtype)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Set the decoder's weights (and the EMA's) to ``state_dict``."""
+        self.core.load_state_dict(state_dict)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state_dict)
+
+    def wrap_for_ddp(self) -> None:
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.core, device_ids=ids)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The run's whole state as a checkpoint dict (``captions.models.checkpoint``'s schema)."""
+        ds, ema = self.ds, self.ema
+        return {"model": self.cfg.model, "decoder_config": asdict(self.dcfg), "train_config": asdict(self.cfg),
+                "state_dict": self.shipped.state_dict(),
+                "vocab": {"idx_to_token": ds.vocab.idx_to_token, "hash": ds.vocab.hash},
+                "dataset_hash": ds.dataset_hash, "max_length": ds.max_words, "features": self.cache.spec.to_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **self.state.state_dict(), "global_step": int(self.scheduler.last_epoch), "rng": rng_state(),
+                **({"train_state_dict": self.core.state_dict(), "ema_n_averaged": int(ema.n_averaged)}
+                   if ema is not None else {})}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue exactly where checkpoint ``ckpt`` stopped."""
+        self.core.load_state_dict(ckpt.get("train_state_dict", ckpt["state_dict"]))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state.load_state_dict(ckpt)
+        self.epochs_run = self.state.epoch
+        set_rng_state(ckpt["rng"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["state_dict"])
+            self.ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
+        log.info("resuming %s at epoch %d, step %d", self.out / "last.pt", self.state.epoch + 1,
+                 self.state.step_in_epoch)
+
+    def save(self, name: str, ckpt: dict[str, Any] | None = None) -> None:
+        save_checkpoint(self.out / name, ckpt if ckpt is not None else self.checkpoint())
+
+    def result(self) -> dict[str, Any]:
+        return {"best": self.state.best, "epochs_run": self.epochs_run, "out": str(self.out)}
