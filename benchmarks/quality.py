@@ -29,7 +29,7 @@ from captions.trainer.train import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SETS = {"ucm": ("karpathy", "data/ucm/dataset_ucm.json"), "viic": ("csv", "data/viic/captions.csv")}
-MODELS = {"rnn": {}, "lstm": {}, "attn": {}, "attn-additive": {"attention": "additive"}}
+MODELS = {"rnn": {}, "lstm": {}, "attn": {}, "attn-additive": {"attention": "additive"}, "transformer": {}}
 
 
 def train_minutes(run: Path) -> float:

@@ -23,11 +23,13 @@ __version__ = "0.1.0"
 
 # module -> the names it exposes here ("evaluate" is evaluate_checkpoint)
 _MODULES = {
-    "captions.pipeline.prepare": ("prepare", "PrepareOptions"),
+    "captions.pipeline.prepare": ("prepare",),
+    "captions.pipeline.settings": ("PrepareOptions",),
     "captions.features.extract": ("extract_features", "ExtractOptions"),
     "captions.features.cache": ("FeatureCache",),
     "captions.features.spec": ("FeatureSpec",),
-    "captions.trainer.train": ("train", "TrainConfig"),
+    "captions.trainer.train": ("train",),
+    "captions.trainer.config": ("TrainConfig",),
     "captions.evaluation": ("evaluate_checkpoint",),
     "captions.captioner": ("Captioner",),
     "captions.models.checkpoint": ("load_decoder",),

@@ -46,11 +46,24 @@ def upsample(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def heat_overlay(photo: Image.Image, weights: np.ndarray, blend: tuple[float, float] = BLEND) -> Image.Image:
     """The RGB ``photo`` with the (h, w) attention ``weights`` drawn over it as a heat map, more
     opaque where the attention is higher."""
-    a = upsample(weights, photo.size)
-    heat = jet(a).astype(np.float32)
-    alpha = (blend[0] + (blend[1] - blend[0]) * a)[..., None]
+    heat, alpha = _heat_and_alpha(weights, photo.size, blend)
     base = np.asarray(photo.convert("RGB"), dtype=np.float32)
     return Image.fromarray(((1.0 - alpha) * base + alpha * heat + 0.5).astype(np.uint8), "RGB")
+
+
+def heat_layer(weights: np.ndarray, size: tuple[int, int], blend: tuple[float, float] = BLEND) -> Image.Image:
+    """The heat map of ``heat_overlay`` alone: an RGBA image of ``size`` (width, height) whose alpha
+    is the blend opacity, to lay over the photo (web pages stack it on the image they show)."""
+    heat, alpha = _heat_and_alpha(weights, size, blend)
+    rgba = np.concatenate([heat, alpha * 255.0], axis=-1) + 0.5
+    return Image.fromarray(rgba.astype(np.uint8), "RGBA")
+
+
+def _heat_and_alpha(weights: np.ndarray, size: tuple[int, int],
+                    blend: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) weights -> jet colours (H, W, 3) and opacity (H, W, 1), float32, at ``size``."""
+    a = upsample(weights, size)
+    return jet(a).astype(np.float32), (blend[0] + (blend[1] - blend[0]) * a)[..., None]
 
 
 # system fonts with wide coverage (Vietnamese, Greek, Cyrillic...) before Pillow's built-in one,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from captions.cider import document_frequencies, ngram_counts, tfidf
+from captions.errors import CaptionsError
 from captions.features.cache import FeatureCache
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 
@@ -52,11 +53,15 @@ def consensus(vectors: list[dict]) -> int:
 
 def nn_captions(ds: PreparedDataset, cache: FeatureCache, split: str = "val", k: int = 10,
                 batch: int = 512) -> dict[int, str]:
-    """image id -> retrieved consensus caption (space-joined tokens) for every image of ``split``."""
+    """image id -> retrieved consensus caption (space-joined tokens) for every image of ``split``
+    that has features. Raises ``CaptionsError`` when no training image has features."""
     cache.check_dataset(ds.dataset_hash)
     valid = cache.valid
     train_ids = np.array([i for i in ds.split_image_ids("train") if valid[i]], dtype=np.int64)
     query_ids = np.array([i for i in ds.split_image_ids(split) if valid[i]], dtype=np.int64)
+    if not len(train_ids):
+        raise CaptionsError("no training image has features (all were unreadable at extraction): nothing to "
+                            "retrieve captions from", cache.path)
     pooled = torch.from_numpy(cache.pooled[:].astype(np.float32))
     pooled = torch.nn.functional.normalize(pooled, dim=1)
     train_feats = pooled[torch.from_numpy(train_ids)]
@@ -87,19 +92,20 @@ def evaluate_nn(data_dir: str | os.PathLike, features: str | os.PathLike, split:
 
     Writes ``out/predictions.json`` and ``out/metrics.json`` (``out`` defaults to
     ``<features dir>/baseline-nn-k<k>-<split>``); returns the metrics record (model ``nn``, k,
-    metrics, ...).
+    metrics, ...). Raises ``CaptionsError`` for an empty split, one whose images all lack
+    features, or one without training images to retrieve from.
     """
-    from captions.errors import CaptionsError
-    from captions.evaluation import score_and_write
+    from captions.evaluation import score_and_write, with_features
 
     if k < 1:
         raise CaptionsError(f"k must be at least 1, got {k}")
     ds = load_prepared(data_dir)
-    ds.require_split(split)
+    ids = ds.require_split(split)
     out_dir = Path(out) if out is not None else Path(features).parent / f"baseline-nn-k{k}-{split}"
     t0 = time.perf_counter()
     with FeatureCache(features) as cache:
         cache.check_dataset(ds.dataset_hash, what=str(data_dir))
+        with_features(ids, cache, split)  # refuses a split without features, warns about a part
         preds = nn_captions(ds, cache, split, k)
     record = {"model": "nn", "k": k, "data": str(data_dir), "features": str(features), "split": split,
               "decode_seconds": round(time.perf_counter() - t0, 3)}

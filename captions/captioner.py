@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import preprocess_image
 from captions.features.spec import FeatureSpec
 from captions.fsutil import sha256_file
-from captions.generation import decode
+from captions.generation import Rules, decode
 from captions.models.checkpoint import LoadedDecoder, load_decoder
-from captions.pipeline.resize import load_rgb, to_rgb
+from captions.pipeline.resize import ImageRefused, load_rgb, to_rgb
+from captions.pipeline.settings import DEFAULT_MAX_PIXELS
 from captions.pipeline.vocab import caption_words
 from captions.runtime import resolve_device, resolve_precision
 
@@ -161,18 +163,33 @@ class Captioner:
         if not path.is_file():
             raise CaptionsError("image file not found", path)
         try:
-            return load_rgb(path)
+            return self.load_file(path)
+        except ImageRefused as e:
+            raise CaptionsError(f"image refused ({e})", path) from None
         except Exception as e:  # PIL raises many types for non-images and corrupt data
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CaptionsError(f"cannot read as an image ({type(e).__name__}: {detail})", path) from None
 
+    def load_file(self, file: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """A path or binary file object (an upload) -> RGB PIL image, decoded as ``caption`` decodes
+        files: JPEGs reduced by the decoder (never below the backbone's resize), EXIF-rotated.
+
+        Raises ``ImageRefused`` (over ``max_pixels`` decoded pixels, or too narrow), and PIL's
+        ``OSError`` / ``ValueError`` for files that are not images or are truncated.
+        """
+        # JPEGs decode reduced (never below the backbone's resize); size and shape are bounded
+        return load_rgb(file, draft_size=self.preprocessing.resize, max_pixels=max_pixels)
+
     def caption(self, images: Sequence[ImageInput], beam_size: int = 3, length_penalty: float = 0.0,
-                batch_size: int = 16) -> list[CaptionResult]:
+                batch_size: int = 16, min_length: int = 1, allow_unk: bool = False) -> list[CaptionResult]:
         """Caption ``images`` (paths or PIL images), ``batch_size`` at a time through CNN and decoder.
 
-        Returns one ``CaptionResult`` per input, in order; an unreadable file gets its ``error``
-        set and does not stop the others. Results do not depend on ``batch_size``.
+        Each caption has at least ``min_length`` words, and ``<UNK>`` only when ``allow_unk``
+        (``captions.generation.Rules``). Returns one ``CaptionResult`` per input, in order; an
+        unreadable file (or one refused: too many pixels, too narrow) gets its ``error`` set and
+        does not stop the others. Results do not depend on ``batch_size``.
         """
+        rules = Rules(min_length=min_length, allow_unk=allow_unk)
         if beam_size < 1:
             raise CaptionsError(f"beam size must be at least 1, got {beam_size}")
         results: list[CaptionResult] = []
@@ -188,23 +205,48 @@ class Captioner:
                 except CaptionsError as e:
                     res.error = str(e)
                     continue
-                crop = preprocess_image(rgb, self.preprocessing)
-                res.crop = Image.fromarray(crop.permute(1, 2, 0).numpy(), "RGB")
+                crop = self.crop(rgb)
+                res.crop = crop_image(crop)
                 good.append((res, crop))
             if good:
-                self._decode_into(good, beam_size, length_penalty)
+                self._decode_into(good, beam_size, length_penalty, rules)
         return results
 
-    def _decode_into(self, good: list[tuple[CaptionResult, torch.Tensor]], beam_size: int,
-                     length_penalty: float) -> None:
-        feats = self.features(torch.stack([c for _, c in good]))
+    def crop(self, rgb: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> the uint8 centre crop (3, S, S) the backbone takes (the checkpoint's
+        recorded resize, crop and interpolation), as ``caption`` makes it."""
+        return preprocess_image(rgb, self.preprocessing)
+
+    def decode_features(self, feats: torch.Tensor, beam_size: int = 3, length_penalty: float = 0.0,
+                        rules: Rules | None = None) -> list[CaptionResult]:
+        """Decode features from ``features`` (N, P, C) or (N, C) as one batch: one ``CaptionResult``
+        per row (caption, words, score, attention (len(words), h, w) for attention models; no
+        source or crop). A row's result does not depend on the other rows (no computation mixes
+        them), so callers may group images from different requests. ``rules``: what may be
+        generated (default: at least one word, no ``<UNK>``: users never want it in a caption)."""
+        rules = rules or Rules(allow_unk=False)
         with torch.no_grad():
-            tokens, scores, maps = decode(self.model, feats, self.decoder.max_length + 1, beam_size, length_penalty)
+            tokens, scores, maps = decode(self.model, feats, self.decoder.max_length + 1, beam_size, length_penalty,
+                                          rules)
         tokens_l = tokens.cpu().tolist()
         maps_np = maps.float().cpu().numpy() if maps is not None else None
         h, w = self.spatial_shape
-        for j, (res, _) in enumerate(good):
-            words, steps = caption_words(tokens_l[j], self.decoder.idx_to_token)
-            res.words, res.caption, res.score = words, " ".join(words), float(scores[j])
+        out = []
+        for j, row in enumerate(tokens_l):
+            words, steps = caption_words(row, self.decoder.idx_to_token)
+            res = CaptionResult(source="", caption=" ".join(words), words=words, score=float(scores[j]))
             if maps_np is not None:
                 res.attention = maps_np[j, steps].reshape(len(steps), h, w).astype(np.float32)
+            out.append(res)
+        return out
+
+    def _decode_into(self, good: list[tuple[CaptionResult, torch.Tensor]], beam_size: int,
+                     length_penalty: float, rules: Rules | None = None) -> None:
+        feats = self.features(torch.stack([c for _, c in good]))
+        for (res, _), got in zip(good, self.decode_features(feats, beam_size, length_penalty, rules), strict=True):
+            res.words, res.caption, res.score, res.attention = got.words, got.caption, got.score, got.attention
+
+
+def crop_image(crop: torch.Tensor) -> Image.Image:
+    """uint8 crop (3, S, S) from ``Captioner.crop`` -> RGB PIL image (what the backbone saw)."""
+    return Image.fromarray(crop.permute(1, 2, 0).numpy(), "RGB")

@@ -13,8 +13,9 @@ from captions import __version__
 from captions.demo import DemoOptions
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS
-from captions.options import click_options, option_fields, read_config_file
+from captions.options import click_options, field_default, option_fields, read_config_file
 from captions.pipeline.settings import PrepareOptions
+from captions.serve.settings import ServeOptions
 from captions.trainer.config import TrainConfig
 
 # the settings of 'captions train' and 'captions demo' are written once, with their defaults and help,
@@ -43,8 +44,9 @@ def main(verbose: bool) -> None:
       download          fetch COCO / Flickr8k archives (resumable, checksummed)
       prepare           parse captions, tokenize, build the vocabulary, resize images
       extract-features  run a CNN once and cache its features in HDF5
-      train             fit an rnn / lstm / attn decoder from the cache
+      train             fit a caption decoder (MODEL) from the cache
       evaluate, caption score a checkpoint, caption new images
+      serve             an HTTP API and web page for a checkpoint (batched, with attention maps)
       demo              all of the above, offline, on the embedded synthetic set
     Run 'captions COMMAND --help' for the options of each.
     """
@@ -62,8 +64,8 @@ def main(verbose: bool) -> None:
               help="Folder holding the images [default: depends on FORMAT, see README].")
 @click_options((f, "") for f in option_fields(PrepareOptions))
 @click.option("--workers", default=-1, show_default=True, type=int, help="Resize processes (-1: all cores).")
-@click.option("--num-images", default="1200,150,150", show_default=True,
-              help="synthetic only: train,val,test image counts.")
+@click.option("--num-images", default="1200,150,150", show_default=True, callback=lambda c, p, v: _image_counts(v),
+              help="synthetic only: train,val,test image counts (train at least 1).")
 @click.option("--seed", default=0, show_default=True, help="synthetic only: generator seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def prepare(fmt, sources, out, images, workers, num_images, seed, quiet, **settings) -> None:
@@ -83,10 +85,7 @@ def prepare(fmt, sources, out, images, workers, num_images, seed, quiet, **setti
     if fmt == "synthetic":
         if sources:
             raise CaptionsError("synthetic takes no SOURCE (it generates its own)")
-        try:
-            n_train, n_val, n_test = (int(x) for x in num_images.split(","))
-        except ValueError:
-            raise CaptionsError(f"--num-images must be three integers train,val,test, got '{num_images}'") from None
+        n_train, n_val, n_test = num_images
     elif not sources:
         raise CaptionsError(f"{fmt} needs at least one SOURCE file")
     opts = PrepareOptions(**settings)
@@ -97,8 +96,21 @@ def prepare(fmt, sources, out, images, workers, num_images, seed, quiet, **setti
         manifest = run_prepare(fmt, list(sources), out, images=images, options=opts, workers=workers,
                                progress=not quiet)
     counts = ", ".join(f"{s} {c['images']} images / {c['captions']} captions" for s, c in manifest["counts"].items())
+    dropped = sum(manifest.get("captions_dropped", {}).values())
     click.echo(f"prepared {out}: {counts}; vocabulary {manifest['vocab_size']} tokens; "
-               f"{manifest['skipped_count']} images skipped")
+               f"{manifest['skipped_count']} images skipped; {dropped} captions dropped")
+
+
+def _image_counts(value: str) -> tuple[int, int, int]:
+    """``--num-images`` of ``prepare synthetic``: 'train,val,test' with train >= 1, val and test >= 0."""
+    try:
+        counts = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or counts[0] < 1 or min(counts) < 0:
+        raise click.BadParameter(f"expected three integers train,val,test (train at least 1, the others at "
+                                 f"least 0), got '{value}'")
+    return counts  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------- extract-features
@@ -192,15 +204,22 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 
 # ------------------------------------------------------------------------------------------------ train
 def _train_fields() -> list:
-    """(field, note) of every train option: TrainConfig's, then each decoder setting once, noting the
-    decoders that have it when not all do."""
-    out = [(f, "") for f in option_fields(TrainConfig)]
-    owners: dict[str, tuple] = {}
+    """(field, note, shown default) of every train option: TrainConfig's, then each decoder setting
+    once, noting the decoders that have it when not all do; a setting whose default differs between
+    decoders gets no default of its own (each decoder's applies) and shows them all."""
+    out: list = [(f, "", None) for f in option_fields(TrainConfig)]
+    owners: dict[str, list] = {}
     for entry in DECODERS.values():
         for f in option_fields(entry.config):
-            owners.setdefault(f.name, (f, []))[1].append(entry.name)
-    for f, models in owners.values():
-        out.append((f, "" if len(models) == len(DECODERS) else f"[{', '.join(models)} only]"))
+            owners.setdefault(f.name, []).append((entry.name, f))
+    for fields in owners.values():
+        models = [m for m, _ in fields]
+        note = "" if len(models) == len(DECODERS) else f"[{', '.join(models)} only]"
+        defaults = {m: field_default(f) for m, f in fields}
+        shown = None
+        if len(set(defaults.values())) > 1:
+            shown = "; ".join(f"{m} {v}" for m, v in defaults.items())
+        out.append((fields[0][1], note, shown))
     return out
 
 
@@ -236,7 +255,7 @@ def _train_config(ctx: click.Context, model: str, settings: dict) -> TrainConfig
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             raise CaptionsError(f"--{name.replace('_', '-')} does not apply to {model}")
     return TrainConfig.from_dict({"model": model, **{k: v for k, v in settings.items() if k in training},
-                                  "decoder": {k: v for k, v in settings.items() if k in own}})
+                                  "decoder": {k: v for k, v in settings.items() if k in own and v is not None}})
 
 
 @main.command("train")
@@ -256,7 +275,7 @@ def _train_config(ctx: click.Context, model: str, settings: dict) -> TrainConfig
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
-    """Train a decoder (MODEL: rnn, lstm or attn) from a feature cache (the CNN is never run).
+    """Train a caption decoder MODEL from a feature cache (the CNN is never run).
 
     --epochs of cross-entropy, then --scst-epochs of self-critical training (sampled captions
     rewarded by their CIDEr-D) from the cross-entropy epoch of the lowest val loss (--scst-start);
@@ -281,9 +300,10 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
     result = train(paths["data"], paths["features"], paths["out"], cfg, resume=resume, progress=not quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         b = result["best"]
-        click.echo(f"trained {model}: best epoch {b.get('epoch')}"
-                   + (f", val CIDEr {b['CIDEr']:.3f}, BLEU-4 {b['BLEU-4']:.3f}" if "CIDEr" in b else "")
-                   + f"; checkpoints in {paths['out']}")
+        scores = (f", val CIDEr {b['CIDEr']:.3f}" if b.get("CIDEr") is not None  # None: undefined, one val image
+                  else f", val loss {b['val_loss']:.3f} (CIDEr undefined)" if "val_loss" in b else "")
+        scores += f", BLEU-4 {b['BLEU-4']:.3f}" if scores and "BLEU-4" in b else ""
+        click.echo(f"trained {model}: best epoch {b.get('epoch')}{scores}; checkpoints in {paths['out']}")
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -301,11 +321,13 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
               help="Folder for predictions.json and metrics.json [default: next to CHECKPOINT, "
                    "eval-<name>-<split>-beam<K>].")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images decoded at once.")
+@click.option("--min-length", default=1, show_default=True, type=click.IntRange(0),
+              help="Words each caption has at least (<END> is not chosen before; 0 allows empty captions).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalty, out, batch_size, device, as_json,
-                 quiet) -> None:
+def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalty, out, batch_size, min_length, device,
+                 as_json, quiet) -> None:
     """Caption a split from the feature cache and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr.
 
     All reference captions of each image are used. METEOR needs Java; without it this says so once
@@ -315,7 +337,7 @@ def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalt
 
     record = evaluate_checkpoint(checkpoint, data_dir, features, split=split, beam_size=beam_size,
                                  length_penalty=length_penalty, device=device, batch_size=batch_size, out=out,
-                                 progress=not quiet and not as_json)
+                                 progress=not quiet and not as_json, min_length=min_length)
     _echo_scores(record, f"beam size {record['beam_size']}", as_json)
 
 
@@ -329,7 +351,9 @@ def _echo_scores(record: dict, how: str, as_json: bool) -> None:
         click.echo(json.dumps(record, indent=2))
         return
     click.echo(f"{record['split']}: {record['images']} images, {how}")
-    click.echo(metrics_table(record["metrics"]))
+    click.echo(metrics_table(record["metrics"], record.get("undefined_metrics", ())))
+    if record.get("undefined_metrics"):
+        click.echo(f"undefined: {', '.join(record['undefined_metrics'])} (fewer than two images)")
     click.echo(f"predictions: {record['predictions']}")
     click.echo(f"metrics: {Path(record['predictions']).parent / 'metrics.json'}")
 
@@ -378,12 +402,15 @@ def baseline_nn_cmd(data_dir, features, split, k, out, as_json) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The backbone's state_dict file, when the checkpoint's features came from one (sha256 checked).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--min-length", default=1, show_default=True, type=click.IntRange(0),
+              help="Words each caption has at least (<END> is not chosen before; 0 allows empty captions).")
+@click.option("--allow-unk", is_flag=True, help="Let captions contain <UNK> (a word the vocabulary lacks).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (image, caption, words, score, "
                                                       "attention_map or error) on stdout.")
 @click.pass_context
-def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_dir, weights, batch_size, device,
-                as_json) -> None:
+def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_dir, weights, batch_size, min_length,
+                allow_unk, device, as_json) -> None:
     """Caption IMAGE... (JPEG, PNG, ...; any size or mode; EXIF-rotated) with a trained checkpoint.
 
     Re-runs the backbone the checkpoint's features came from (same weights, image size and
@@ -403,7 +430,7 @@ def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_di
             raise CaptionsError(f"--attention-map needs an attention model; this checkpoint is '{model}'")
     captioner = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
     results = captioner.caption(list(images), beam_size=beam_size, length_penalty=length_penalty,
-                                batch_size=batch_size)
+                                batch_size=batch_size, min_length=min_length, allow_unk=allow_unk)
     used: set[str] = set()
     rows, failed = [], 0
     for path, res in zip(images, results, strict=True):
@@ -429,6 +456,25 @@ def caption_cmd(ctx, images, checkpoint, beam_size, length_penalty, attention_di
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     if failed:
         ctx.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------ serve
+@main.command("serve")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click_options((f, "") for f in option_fields(ServeOptions))
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The backbone's state_dict file, when the checkpoint's features came from one (sha256 checked).")
+@click.option("--root-path", default="", help="URL prefix a reverse proxy serves this under (e.g. /captions).")
+def serve_cmd(checkpoint, weights, root_path, **settings) -> None:
+    """Serve CHECKPOINT over HTTP: a captioning API (docs at /docs) and a web page at /.
+
+    Rebuilds the backbone the checkpoint's features came from, as 'captions caption' does, and
+    keeps the model loaded. Concurrent requests are captioned together in batches of up to
+    --max-batch images. SIGTERM or Ctrl-C: requests in flight are answered, then it exits.
+    """
+    from captions.serve.server import serve
+
+    serve(checkpoint, ServeOptions(**settings), weights=weights, root_path=root_path)
 
 
 # ------------------------------------------------------------------------------------------------- demo

@@ -19,8 +19,8 @@ from captions.errors import CaptionsError
 from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
 from captions.fsutil import write_json_atomic
-from captions.generation import caption_images
-from captions.metrics import java_available, score_captions
+from captions.generation import Rules, caption_images
+from captions.metrics import cider_defined, java_available, score_captions
 from captions.models.checkpoint import load_decoder
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.runtime import resolve_device
@@ -49,13 +49,15 @@ def check_compatible(ckpt: dict[str, Any], cache: FeatureCache, vocab_hash: str,
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, features: str | os.PathLike,
                         split: str = "test", beam_size: int = 3, length_penalty: float = 0.0,
                         device: str = "auto", batch_size: int = 64, out: str | os.PathLike | None = None,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, min_length: int = 1) -> dict[str, Any]:
     """Caption every image of ``split`` (with features) and score against all its references.
 
-    Returns the metrics record (also written to ``out/metrics.json``): checkpoint, split, images,
-    beam_size, length_penalty, metrics (BLEU-1..4, METEOR when Java is available, ROUGE-L, CIDEr),
-    skipped_metrics, seconds, predictions (path of ``out/predictions.json``). ``out`` defaults to
-    ``default_eval_dir(checkpoint, split, beam_size)``.
+    Captions have at least ``min_length`` words (``Rules``). Returns the metrics record (also
+    written to ``out/metrics.json``): checkpoint, split, images, beam_size, length_penalty,
+    min_length, metrics (BLEU-1..4, METEOR when Java is available, ROUGE-L, CIDEr when defined),
+    skipped_metrics, undefined_metrics, seconds, predictions (path of ``out/predictions.json``).
+    ``out`` defaults to ``default_eval_dir(checkpoint, split, beam_size)``. Raises
+    ``CaptionsError`` for an empty split or one whose images all lack features.
     """
     from tqdm import tqdm
 
@@ -70,26 +72,33 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     with FeatureCache(features) as cache:
         cache.check_dataset(ds.dataset_hash, what=str(data_dir))
         check_compatible(dec.checkpoint, cache, ds.vocab.hash, checkpoint)
-        ids = ds.require_split(split)
-        valid = cache.valid[ids]
-        if not valid.all():
-            log.warning("%d %s image(s) have no features (unreadable at extraction); left out",
-                        int((~valid).sum()), split)
-        ids = ids[valid]
+        ids = with_features(ds.require_split(split), cache, split)
         source = cache.array("spatial" if dec.model.uses_spatial else "pooled")
 
-        def features(batch: np.ndarray) -> torch.Tensor:  # ids ascending: one h5py read per batch
+        def read_rows(batch: np.ndarray) -> torch.Tensor:  # ids ascending: one h5py read per batch
             return torch.from_numpy(np.asarray(source[batch])).to(dev).float()
 
         bar = tqdm(total=len(ids), desc=f"decode {split}", unit="img", disable=not progress)
-        preds = caption_images(dec.model, ids, features, dec.max_length + 1, dec.idx_to_token, batch_size, beam_size,
-                               length_penalty, on_batch=bar.update)
+        preds = caption_images(dec.model, ids, read_rows, dec.max_length + 1, dec.idx_to_token, batch_size, beam_size,
+                               length_penalty, on_batch=bar.update, rules=Rules(min_length=min_length))
         bar.close()
     decode_s = time.perf_counter() - t0
     record = {"checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
               "features": str(features), "split": split, "beam_size": beam_size, "length_penalty": length_penalty,
-              "decode_seconds": round(decode_s, 3)}
+              "min_length": min_length, "decode_seconds": round(decode_s, 3)}
     return score_and_write(ds, preds, split, out_dir, record)
+
+
+def with_features(ids: np.ndarray, cache: FeatureCache, split: str) -> np.ndarray:
+    """The image ids (B,) of ``split`` that have features in ``cache``; those without are left out
+    with a warning. Raises ``CaptionsError`` naming the cache when none has any."""
+    valid = cache.valid[ids]
+    if not valid.any():
+        raise CaptionsError(f"none of the {len(ids)} '{split}' image(s) has features (all were unreadable at "
+                            f"extraction): nothing to caption", cache.path)
+    if not valid.all():
+        log.warning("%d %s image(s) have no features (unreadable at extraction); left out", int((~valid).sum()), split)
+    return ids[valid]
 
 
 def score_and_write(ds: PreparedDataset, preds: dict[int, str], split: str, out_dir: str | os.PathLike,
@@ -97,24 +106,27 @@ def score_and_write(ds: PreparedDataset, preds: dict[int, str], split: str, out_
     """Score ``preds`` (image id -> caption) against all references of ``split``; write
     ``out_dir/predictions.json`` (COCO results format) and ``out_dir/metrics.json``.
 
-    Returns ``record`` extended with images, metrics, skipped_metrics and predictions (its path).
+    Returns ``record`` extended with images, metrics, skipped_metrics, undefined_metrics (CIDEr
+    below two images: left out of metrics, never 0) and predictions (its path).
     """
     out_dir = Path(out_dir)
     scores = score_captions(ds.references(split), preds)
+    undefined = [] if cider_defined(len(preds)) else ["CIDEr"]
     results = [{"image_id": img, "caption": text, "file_name": ds.images[img]["name"]} for img, text in preds.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "predictions.json", results)
     record = {**record, "images": len(preds), "metrics": {k: scores[k] for k in METRIC_ORDER if k in scores},
-              "skipped_metrics": [] if java_available() else ["METEOR"],
+              "skipped_metrics": [] if java_available() else ["METEOR"], "undefined_metrics": undefined,
               "predictions": str(out_dir / "predictions.json")}
     write_json_atomic(out_dir / "metrics.json", record)
     return record
 
 
-def metrics_table(metrics: dict[str, float]) -> str:
-    """The metrics as a two-line aligned text table."""
-    keys = [k for k in METRIC_ORDER if k in metrics]
+def metrics_table(metrics: dict[str, float], undefined: list[str] | tuple[str, ...] = ()) -> str:
+    """The metrics as a two-line aligned text table; the ``undefined`` ones show as ``undef``."""
+    keys = [k for k in METRIC_ORDER if k in metrics or k in undefined]
     width = [max(len(k), 6) for k in keys]
     head = "  ".join(k.rjust(w) for k, w in zip(keys, width, strict=True))
-    vals = "  ".join(f"{metrics[k]:.3f}".rjust(w) for k, w in zip(keys, width, strict=True))
+    vals = "  ".join((f"{metrics[k]:.3f}" if k in metrics else "undef").rjust(w)
+                     for k, w in zip(keys, width, strict=True))
     return f"{head}\n{vals}"

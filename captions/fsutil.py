@@ -35,20 +35,67 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, raising ``CaptionsError`` naming the file when it is missing or malformed."""
+def text_codec(encoding: str = "utf-8") -> str:
+    """The codec that reads text of ``encoding``: UTF-8 is read as ``utf-8-sig`` so that a byte-order
+    mark (written by Notepad and spreadsheet exports) is skipped. Raises ``CaptionsError`` for a
+    name Python does not know."""
+    import codecs
+
+    from captions.errors import CaptionsError
+
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise CaptionsError(f"--encoding: unknown text encoding '{encoding}' (e.g. utf-8, cp1252, latin-1)") from None
+    return "utf-8-sig" if name in ("utf-8", "utf-8-sig") else name
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """The text of file ``path``: decoded as its byte-order mark says (UTF-8 or UTF-16, the mark
+    skipped), else as ``encoding``.
+
+    Raises ``CaptionsError`` naming the file when it is missing or unreadable, and, for a byte that
+    is not valid in ``encoding``, naming its line, column and value (so the user can find it or
+    pass another encoding).
+    """
+    import codecs
+
     from captions.errors import CaptionsError
 
     path = Path(path)
+    codec = text_codec(encoding)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CaptionsError("file not found", path) from None
+    except OSError as e:
+        raise CaptionsError(f"cannot read the file ({e.strerror})", path) from None
+    if data.startswith(codecs.BOM_UTF8):  # a byte-order mark names the encoding better than any setting
+        codec = "utf-8-sig"
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode"
+        codec = "utf-16"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        shown = "UTF-8" if codec == "utf-8-sig" else codec
+        raise CaptionsError(f"line {line}, column {column}: byte 0x{data[e.start]:02x} is not valid {shown} text "
+                            f"(save the file as UTF-8, or pass its encoding, e.g. --encoding cp1252)", path) from None
+
+
+def read_json(path: str | os.PathLike, encoding: str = "utf-8") -> Any:
+    """Read a JSON file (``read_text``: a UTF-8 byte-order mark is skipped), raising
+    ``CaptionsError`` naming the file when it is missing, not text of ``encoding`` or malformed."""
+    from captions.errors import CaptionsError
+
+    text = read_text(path, encoding)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise CaptionsError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", path) from None
-    except UnicodeDecodeError as e:
-        raise CaptionsError(f"not UTF-8 text ({e.reason})", path) from None
+    except RecursionError:
+        raise CaptionsError("malformed JSON: nested too deeply", path) from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

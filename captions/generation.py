@@ -8,13 +8,16 @@ caption has ended or ``max_length`` steps have run; the strategy picks each next
   their log-probabilities (self-critical training, Rennie et al. 2017);
 * ``Beam(k, length_penalty)``: beam search over all N * K hypotheses as one batch.
 
-All images of a batch step together on the features' device and no image influences another, so
-greedy and beam results do not depend on the batch size. ``decode`` and ``caption_images`` are
-the entry points of evaluation and captioning.
+``Rules`` say what any strategy may choose, by masking each step's log-probabilities: never
+``<NULL>`` or ``<START>``, ``<END>`` not before ``min_length`` words (default 1: no empty
+caption), ``<UNK>`` only when allowed. All images of a batch step together on the features'
+device and no image influences another, so greedy and beam results do not depend on the batch
+size. ``decode`` and ``caption_images`` are the entry points of evaluation and captioning.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from captions.models.base import CaptionDecoder, State, select_state
-from captions.pipeline.vocab import END_ID, NULL_ID, START_ID, decode_captions
+from captions.pipeline.vocab import END_ID, NULL_ID, START_ID, UNK_ID, decode_captions
 
 Decoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -55,13 +58,51 @@ class Strategy:
         raise NotImplementedError
 
 
-def generate(model: CaptionDecoder, feats: torch.Tensor, max_length: int, strategy: Strategy) -> Generated:
+@dataclass(frozen=True)
+class Rules:
+    """What every strategy may generate: never ``<NULL>`` or ``<START>``; ``<END>`` only after
+    ``min_length`` words (label smoothing can leave ``<END>`` right after ``<START>`` more probable
+    than any caption, and a wide beam then finds the empty caption); ``<UNK>`` only when
+    ``allow_unk``. Applied by masking the step's log-probabilities (the kept ones are not
+    renormalised, so scores stay the model's own log-probabilities)."""
+
+    min_length: int = 1
+    allow_unk: bool = True
+
+    def banned(self, t: int, vocab_size: int) -> list[int]:
+        """Token ids forbidden at step ``t`` (0-based: ``t`` words so far) of a ``vocab_size`` vocabulary."""
+        banned = {NULL_ID, START_ID}
+        if not self.allow_unk:
+            banned.add(UNK_ID)
+        if t < self.min_length:
+            banned.add(END_ID)
+        banned = {i for i in banned if i < vocab_size}
+        if len(banned) >= vocab_size:  # a vocabulary without words: ending is the only way out
+            banned.discard(END_ID)
+        return sorted(banned)
+
+    def mask(self, t: int, logp: torch.Tensor) -> torch.Tensor:
+        """logp (B, V) of step ``t`` with the forbidden tokens at -inf (a new tensor; the graph is kept)."""
+        idx = _index(tuple(self.banned(t, logp.shape[-1])), logp.device)
+        return logp.index_fill(-1, idx, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # made once per device: a copy to the GPU at every step would wait for it
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def generate(model: CaptionDecoder, feats: torch.Tensor, max_length: int, strategy: Strategy,
+             rules: Rules | None = None) -> Generated:
     """The step loop: feats (N, C) or (N, P, C) as the model expects; ``max_length`` counts steps
-    (words + ``<END>``). Gradients flow only where the caller enables them."""
+    (words + ``<END>``). Every step's log-probabilities are masked by ``rules`` (default
+    ``Rules()``) before the strategy chooses. Gradients flow only where the caller enables them."""
+    rules = rules or Rules()
     state, tokens = strategy.start(model, feats, max_length)
     for t in range(max_length):
         logits, state, alpha = model.step(tokens, state)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = rules.mask(t, torch.log_softmax(logits.float(), dim=-1))
         tokens, state, over = strategy.advance(t, logp, state, alpha)
         if over:
             break
@@ -114,24 +155,25 @@ def Sample(per_image: int = 1) -> Strategy:  # noqa: N802
 
 
 @torch.no_grad()
-def greedy_decode(model: CaptionDecoder, feats: torch.Tensor, max_length: int) -> Decoded:
+def greedy_decode(model: CaptionDecoder, feats: torch.Tensor, max_length: int, rules: Rules | None = None) -> Decoded:
     """Greedy captions for a batch: feats (N, C) or (N, P, C) -> tokens (N, max_length) (``<NULL>``
-    after ``<END>``), summed log-probabilities (N,), attention maps (N, steps, P) or None."""
-    out = generate(model, feats, max_length, Greedy())
+    after ``<END>``), summed log-probabilities (N,), attention maps (N, steps, P) or None.
+    ``rules``: what may be generated (default ``Rules()``)."""
+    out = generate(model, feats, max_length, Greedy(), rules)
     tokens = torch.full((out.tokens.shape[0], max_length), NULL_ID, dtype=torch.long, device=feats.device)
     tokens[:, : out.tokens.shape[1]] = out.tokens
     return tokens, out.scores, out.maps
 
 
-def sample_captions(model: CaptionDecoder, feats: torch.Tensor, k: int, max_length: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_captions(model: CaptionDecoder, feats: torch.Tensor, k: int, max_length: int,
+                    rules: Rules | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``k`` captions per image, keeping the graph of their log-probabilities.
 
     feats (M, C) or (M, P, C). Returns tokens (M * k, L) (each image's k samples consecutive,
     ``<NULL>`` after ``<END>``, L <= max_length) and the log-probability of each sampled token
-    (M * k, L), zero after ``<END>``.
+    (M * k, L), zero after ``<END>``. Words are drawn among those ``rules`` allow (default ``Rules()``).
     """
-    out = generate(model, feats, max_length, Sample(k))
+    out = generate(model, feats, max_length, Sample(k), rules)
     assert out.token_logp is not None
     return out.tokens, out.token_logp
 
@@ -249,36 +291,39 @@ class Beam(Strategy):
 
 @torch.no_grad()
 def beam_search(model: CaptionDecoder, feats: torch.Tensor, max_length: int, beam_size: int = 3,
-                length_penalty: float = 0.0) -> Decoded:
+                length_penalty: float = 0.0, rules: Rules | None = None) -> Decoded:
     """Beam search for a batch of N images (``Beam``): feats (N, C) or (N, P, C) -> tokens
     (N, max_length) (``<NULL>`` after ``<END>``), the chosen hypotheses' summed log-probabilities
     (N,) (not length-normalised), attention maps (N, steps, P) (zero after ``<END>``) or None.
-    Raises ``ValueError`` for ``beam_size`` < 1."""
-    out = generate(model, feats, max_length, Beam(beam_size, length_penalty))
+    ``rules``: what may be generated (default ``Rules()``). Raises ``ValueError`` for ``beam_size`` < 1."""
+    out = generate(model, feats, max_length, Beam(beam_size, length_penalty), rules)
     return out.tokens, out.scores, out.maps
 
 
 def decode(model: CaptionDecoder, feats: torch.Tensor, max_length: int, beam_size: int = 1,
-           length_penalty: float = 0.0) -> Decoded:
+           length_penalty: float = 0.0, rules: Rules | None = None) -> Decoded:
     """Greedy decoding for ``beam_size`` 1, beam search otherwise (same outputs as ``beam_search``).
 
-    feats (N, C) or (N, P, C) -> tokens (N, max_length), scores (N,), maps (N, steps, P) or None.
+    feats (N, C) or (N, P, C) -> tokens (N, max_length), scores (N,), maps (N, steps, P) or None;
+    ``rules``: what may be generated (default ``Rules()``).
     """
     if beam_size == 1:
-        return greedy_decode(model, feats, max_length)
-    return beam_search(model, feats, max_length, beam_size, length_penalty)
+        return greedy_decode(model, feats, max_length, rules)
+    return beam_search(model, feats, max_length, beam_size, length_penalty, rules)
 
 
 def caption_images(model: CaptionDecoder, image_ids: np.ndarray, features: Callable[[np.ndarray], torch.Tensor],
                    max_length: int, idx_to_token: Sequence[str], batch_size: int = 64, beam_size: int = 1,
-                   length_penalty: float = 0.0, on_batch: Callable[[int], None] | None = None) -> dict[int, str]:
+                   length_penalty: float = 0.0, on_batch: Callable[[int], None] | None = None,
+                   rules: Rules | None = None) -> dict[int, str]:
     """Caption images ``image_ids`` (B,) ``batch_size`` at a time: ``features(ids)`` gives their
     features as the model expects; returns image id -> caption (space-joined words).
-    ``on_batch(n)`` is called after each batch of n images (progress bars)."""
+    ``on_batch(n)`` is called after each batch of n images (progress bars); ``rules``: what may be
+    generated (default ``Rules()``)."""
     preds: dict[int, str] = {}
     for i in range(0, len(image_ids), batch_size):
         batch = image_ids[i : i + batch_size]
-        tokens, _, _ = decode(model, features(batch), max_length, beam_size, length_penalty)
+        tokens, _, _ = decode(model, features(batch), max_length, beam_size, length_penalty, rules)
         for img, text in zip(batch.tolist(), decode_captions(tokens.cpu(), idx_to_token), strict=True):
             preds[img] = text
         if on_batch is not None:

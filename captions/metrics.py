@@ -29,13 +29,21 @@ def _scorer_inputs(references: dict[int, list[str]], predictions: dict[int, str]
     return gts, res
 
 
+def cider_defined(n_images: int) -> bool:
+    """Whether CIDEr means anything for ``n_images`` scored images: its document frequencies come
+    from the scored images' references, so with one image every n-gram is in every document and
+    weighs log(1) = 0: CIDEr is 0 whatever the caption. Below two images it is undefined."""
+    return n_images >= 2
+
+
 def per_image_cider(references: dict[int, list[str]], predictions: dict[int, str]) -> dict[int, float]:
     """CIDEr of each predicted image (id -> score), with the document frequencies of the whole
-    set, so that their mean is ``score_captions(...)["CIDEr"]``; for paired comparisons of runs."""
+    set, so that their mean is ``score_captions(...)["CIDEr"]``; for paired comparisons of runs.
+    Empty when CIDEr is undefined (fewer than two images with references: ``cider_defined``)."""
     from pycocoevalcap.cider.cider import Cider
 
     gts, res = _scorer_inputs(references, predictions)
-    if not gts:
+    if not cider_defined(len(gts)):
         return {}
     _, scores = Cider().compute_score(gts, res)
     # compute_score walks the images in the order of gts' keys
@@ -43,11 +51,14 @@ def per_image_cider(references: dict[int, list[str]], predictions: dict[int, str
 
 
 def score_captions(references: dict[int, list[str]], predictions: dict[int, str],
-                   metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider")) -> dict[str, float]:
+                   metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider"), warn: bool = True
+                   ) -> dict[str, float]:
     """Corpus scores of ``predictions`` (image id -> caption) against ``references`` (id -> captions).
 
     Returns a dict with keys among BLEU-1..BLEU-4, METEOR, ROUGE-L, CIDEr. METEOR is left out,
-    with one warning per process, when ``java`` is not on PATH.
+    with one warning per process, when ``java`` is not on PATH. CIDEr is left out when it is
+    undefined (fewer than two images: ``cider_defined``), never reported as 0; ``warn`` says so
+    in a warning.
     """
     global _warned_java
     gts, res = _scorer_inputs(references, predictions)
@@ -77,8 +88,11 @@ def score_captions(references: dict[int, list[str]], predictions: dict[int, str]
             from pycocoevalcap.rouge.rouge import Rouge
 
             out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-        if "cider" in metrics:
+        if "cider" in metrics and cider_defined(len(gts)):
             from pycocoevalcap.cider.cider import Cider
 
             out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        elif "cider" in metrics and warn:
+            log.warning("CIDEr is undefined for %d image (its document frequencies would come from that image "
+                        "alone, making every caption score 0); not reported", len(gts))
     return out

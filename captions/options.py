@@ -48,15 +48,23 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def click_option(f: dataclasses.Field, default: Any = dataclasses.MISSING, note: str = "") -> Callable:
-    """The ``click.option`` decorator of one ``setting`` field (``default`` overrides the field's;
-    ``note`` is appended to the help)."""
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (made by its factory for mutable defaults)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def click_option(f: dataclasses.Field, note: str = "", shown_default: str | None = None) -> Callable:
+    """The ``click.option`` decorator of one ``setting`` field; ``note`` is appended to the help.
+
+    ``shown_default``: the option's default is None (the value is left to the dataclass, whose
+    default differs between the classes that share the option) and ``--help`` shows this text.
+    """
     import click
 
     meta = f.metadata[_KEY]
-    value = f.default if default is dataclasses.MISSING else default
-    if value is dataclasses.MISSING:
-        value = f.default_factory()  # type: ignore[misc]
+    value = field_default(f)
     help_text = meta["help"] + (f" {note}" if note else "")
     if isinstance(value, bool):
         return click.option(flag(f.name), f.name, is_flag=True, default=value, help=help_text)
@@ -65,16 +73,20 @@ def click_option(f: dataclasses.Field, default: Any = dataclasses.MISSING, note:
         kind = click.Choice(list(meta["choices"]))
     elif meta["min"] is not None or meta["max"] is not None:
         kind = (click.IntRange if isinstance(value, int) else click.FloatRange)(meta["min"], meta["max"])
+    if shown_default is not None:
+        return click.option(flag(f.name), f.name, type=kind, default=None, show_default=shown_default,
+                            help=help_text)
     return click.option(flag(f.name), f.name, type=kind, default=value, show_default=True, help=help_text)
 
 
-def click_options(fields: Iterable[tuple[dataclasses.Field, str]]) -> Callable:
-    """A decorator adding one option per (field, note), in the order given (as ``--help`` lists them)."""
+def click_options(fields: Iterable[tuple[dataclasses.Field, str] | tuple[dataclasses.Field, str, str]]) -> Callable:
+    """A decorator adding one option per (field, note[, shown default]), in the order given (as
+    ``--help`` lists them); see ``click_option``."""
     fields = list(fields)
 
     def decorate(fn: Callable) -> Callable:
-        for f, note in reversed(fields):
-            fn = click_option(f, note=note)(fn)
+        for f, *rest in reversed(fields):
+            fn = click_option(f, *rest)(fn)
         return fn
     return decorate
 

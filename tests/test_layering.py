@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generation", ("captions.generation",)),
     ("trainer, evaluation, captioner", ("captions.trainer", "captions.evaluation", "captions.captioner",
                                         "captions.baseline")),
-    ("command line", ("captions.cli", "captions.demo", "captions.__main__")),
+    ("command line", ("captions.cli", "captions.demo", "captions.__main__", "captions.serve")),
 ]
 MAX_FUNCTION_LINES = 80
 
@@ -85,11 +85,11 @@ def test_no_library_function_is_longer_than_a_screen() -> None:
 def test_help_imports_no_torch() -> None:
     code = ("import sys\nfrom captions.cli import main\n"
             "for args in (['--help'], ['evaluate', '--help'], ['train', '--help'], ['caption', '--help'],\n"
-            "             ['demo', '--help'], ['prepare', '--help']):\n"
+            "             ['demo', '--help'], ['prepare', '--help'], ['serve', '--help']):\n"
             "    main(args, standalone_mode=False)\n"
             "print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "TORCH False" in out and out.count("Usage:") == 6, out
+    assert "TORCH False" in out and out.count("Usage:") == 7, out
 
 
 def test_entry_points_are_lazy_and_evaluation_never_loads_backbone_code() -> None:

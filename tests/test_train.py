@@ -28,7 +28,8 @@ def config(**settings) -> TrainConfig:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=2, batch_size=16, embed_dim=16, hidden_dim=32, attention_dim=16, lr=3e-3, dropout=0.1,
-            checkpoint_every=0, eval_batch_size=64, scst_epochs=0)
+            checkpoint_every=0, eval_batch_size=64, scst_epochs=0,
+            d_model=32, layers=2, heads=4, ffn_dim=64, warmup_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +277,10 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     assert all(len(set((img[b] // 4).tolist())) == 1 for b in blocks)  # a batch never spans two blocks
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth):
+@pytest.mark.parametrize("model", ["attn", "transformer"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth, model):
     data, cache = synth
-    cfg = config(model="attn", **TINY)
+    cfg = config(model=model, **TINY)
     train(data, cache, tmp_path / "full", cfg, progress=False)
 
     def ctrl_c(step):
@@ -481,3 +483,21 @@ def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, mes
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_transformer_captions_new_images_with_maps_of_the_grid(tmp_path, synth):
+    from captions.captioner import Captioner
+    from captions.evaluation import evaluate_checkpoint
+
+    data, cache = synth
+    train(data, cache, tmp_path / "run", config(model="transformer", **{**TINY, "epochs": 1}), progress=False)
+    record = evaluate_checkpoint(tmp_path / "run" / "best.pt", data, cache, split="val", beam_size=2,
+                                 device="cpu", out=tmp_path / "eval")
+    assert record["model"] == "transformer" and record["images"] == 8
+    ds = load_prepared(data)
+    captioner = Captioner.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    results = captioner.caption([ds.image_path(i) for i in ds.split_image_ids("val")[:3]], beam_size=2)
+    for res in results:
+        assert res.error is None and res.words
+        assert res.attention.shape == (len(res.words), *captioner.spatial_shape)
+        assert np.allclose(res.attention.sum(axis=(1, 2)), 1.0, atol=1e-5)

@@ -2,49 +2,92 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 from pathlib import Path
 
-from captions.data.records import SPLITS, ImageRecord, merge_records
+from captions.data.records import SPLITS, Records, merge_records
 from captions.data.splits import hash_split
 from captions.errors import CaptionsError
+from captions.fsutil import read_text
+
+log = logging.getLogger("captions")
 
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val", "test": "test"}
+NO_IMAGE_NAME = "row without an image name"
 
 
-def read_csv_table(
-    path: Path, images: Path | None, val_fraction: float = 0.05, test_fraction: float = 0.05
-) -> list[ImageRecord]:
-    """Read a CSV with columns ``image`` and ``caption`` (and optionally ``split``).
+def csv_rows(text: str, path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Parse CSV ``text`` (from ``path``) into its lowercased header and (line number, fields) rows.
 
-    Images are at ``<images>/<image>`` (default: ``<csv dir>/images`` if it exists, else the csv's
-    folder). Without a split column the split is a stable hash of the image name.
+    Blank lines are skipped; a short row is padded with empty fields. Raises ``CaptionsError``
+    naming the file and line for a row with more fields than the header (an unquoted comma in a
+    caption) or a malformed one.
     """
-    import pandas as pd
-
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except FileNotFoundError:
-        raise CaptionsError("file not found", path) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise CaptionsError(f"cannot parse CSV: {str(e).splitlines()[0]}", path) from None
-    df.columns = [c.strip().lower() for c in df.columns]
-    missing = [c for c in ("image", "caption") if c not in df.columns]
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [c.strip().lower() for c in fields]
+                continue
+            if len(fields) > len(header) and any(f.strip() for f in fields[len(header):]):
+                raise CaptionsError(f"line {reader.line_num} has {len(fields)} fields, the header "
+                                    f"{len(header)} (quote captions that contain commas)", path)
+            rows.append((reader.line_num, (fields + [""] * len(header))[: len(header)]))
+    except csv.Error as e:
+        raise CaptionsError(f"cannot parse CSV at line {reader.line_num}: {e}", path) from None
+    if header is None:
+        raise CaptionsError("the CSV is empty (expected a header line image,caption[,split])", path)
+    return header, rows
+
+
+def parse_csv_table(text: str, path: Path, images: Path, val_fraction: float = 0.05,
+                    test_fraction: float = 0.05) -> Records:
+    """Records of CSV ``text`` read from ``path`` (columns ``image``, ``caption``, optional
+    ``split``); see ``read_csv_table``."""
+    header, rows = csv_rows(text, path)
+    missing = [c for c in ("image", "caption") if c not in header]
     if missing:
-        raise CaptionsError(
-            f"CSV lacks column(s) {', '.join(missing)} (has: {', '.join(df.columns) or 'none'})", path
-        )
-    if images is None:
-        images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    has_split = "split" in df.columns
-    rows = []
-    for i, (name, caption) in enumerate(zip(df["image"], df["caption"], strict=True)):
-        name = name.strip()
-        if has_split:
-            raw = df["split"].iat[i].strip().lower()
+        raise CaptionsError(f"CSV lacks column(s) {', '.join(missing)} (has: {', '.join(header) or 'none'})", path)
+    col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
+    out, nameless = [], 0
+    for line, fields in rows:
+        name = fields[col["image"]].strip()
+        if not name:
+            nameless += 1
+            continue
+        if "split" in col:
+            raw = fields[col["split"]].strip().lower()
             if raw not in SPLIT_ALIASES:
-                raise CaptionsError(f"row {i + 2}: unknown split {raw!r} (expected one of {SPLITS})", path)
+                raise CaptionsError(f"line {line}: unknown split {raw!r} (expected one of {SPLITS})", path)
             split = SPLIT_ALIASES[raw]
         else:
             split = hash_split(name, val_fraction, test_fraction)
-        rows.append((name, images / name, split, caption))
-    return merge_records(rows)
+        out.append((name, images / name, split, fields[col["caption"]]))
+    records = merge_records(out)
+    if nameless:
+        log.warning("%s: %d row(s) without an image name; dropped", path, nameless)
+        records.dropped[NO_IMAGE_NAME] += nameless
+    return records
+
+
+def read_csv_table(path: Path, images: Path | None, val_fraction: float = 0.05, test_fraction: float = 0.05,
+                   encoding: str = "utf-8") -> Records:
+    """Read a CSV with columns ``image`` and ``caption`` (and optionally ``split``).
+
+    Images are at ``<images>/<image>`` (default: ``<csv dir>/images`` if it exists, else the csv's
+    folder). Without a split column the split is a stable hash of the image name. The text is
+    read as ``encoding`` (a UTF-8 byte-order mark skipped); blank lines are skipped; rows without
+    an image name are dropped and counted. Raises ``CaptionsError`` naming the file (and line) for
+    a missing file or column, a byte not valid in ``encoding``, a row with too many fields or an
+    unknown split.
+    """
+    text = read_text(path, encoding)
+    if images is None:
+        images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    return parse_csv_table(text, path, images, val_fraction, test_fraction)

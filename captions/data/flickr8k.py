@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from captions.data.csv_table import read_csv_table
-from captions.data.records import ImageRecord, merge_records
+from captions.data.csv_table import parse_csv_table
+from captions.data.records import Records, merge_records
 from captions.errors import CaptionsError
+from captions.fsutil import read_text
+
+log = logging.getLogger("captions")
 
 SPLIT_LISTS = {
     "train": "Flickr_8k.trainImages.txt",
@@ -25,10 +29,11 @@ def default_image_dir(source: Path) -> Path:
     return source.parent / IMAGE_DIR_NAMES[0]
 
 
-def read_split_lists(folder: Path, given: list[Path]) -> dict[str, str] | None:
+def read_split_lists(folder: Path, given: list[Path], encoding: str = "utf-8") -> dict[str, str] | None:
     """Map image name -> split from the official list files (given explicitly or found in ``folder``).
 
-    Returns None when no list file is found at all.
+    Returns None when no list file is found at all. Lists are read as ``encoding`` (a UTF-8
+    byte-order mark skipped); blank lines are skipped.
     """
     files = {split: next((p for p in given if p.name == fname), folder / fname) for split, fname in SPLIT_LISTS.items()}
     if not any(p.exists() for p in files.values()):
@@ -37,59 +42,72 @@ def read_split_lists(folder: Path, given: list[Path]) -> dict[str, str] | None:
     for split, path in files.items():
         if not path.exists():
             raise CaptionsError(f"split list missing (the other Flickr8k lists are present: {folder})", path)
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path, encoding).split("\n"):  # not splitlines(): U+0085 and U+2028 are text
             if line.strip():
                 split_of[line.strip()] = split
     return split_of
 
 
-def read_token_file(path: Path) -> list[tuple[str, str]]:
-    """Parse ``NAME.jpg#N<TAB>caption`` lines into (image name, caption) pairs."""
+def parse_token_file(text: str, path: Path) -> list[tuple[str, str]]:
+    """Parse ``NAME.jpg#N<TAB>caption`` lines into (image name, caption) pairs.
+
+    Blank lines are skipped, and so is a first line that is a header (``image_id<TAB>captions``:
+    no ``#N`` in its first field). Raises ``CaptionsError`` naming the file and line for any other
+    line of another shape.
+    """
     pairs = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaptionsError("file not found", path) from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    seen_any = False
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+0085 and U+2028 are text
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
-        if not sep or "#" not in key:
-            raise CaptionsError(f"line {lineno} is not 'IMAGE#N<TAB>caption'", path)
-        pairs.append((key.rsplit("#", 1)[0], caption))
+        name, hashed, number = key.strip().rpartition("#")
+        if not sep or not hashed or not name.strip() or not number.strip().isdigit():
+            if not seen_any and sep and "#" not in key:
+                log.info("%s: line %d is a header (%r); skipped", path, lineno, line.strip()[:60])
+                seen_any = True
+                continue
+            raise CaptionsError(f"line {lineno} is not 'IMAGE#N<TAB>caption' (got {line.strip()[:60]!r})", path)
+        seen_any = True
+        pairs.append((name.strip(), caption.rstrip("\r")))
     return pairs
 
 
-def is_token_file(path: Path) -> bool:
-    """True for the official tab-separated token file, False for a CSV (Kaggle ``captions.txt``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-    except FileNotFoundError:
-        raise CaptionsError("file not found", path) from None
-    return "\t" in first and "#" in first.split("\t", 1)[0]
+def read_token_file(path: Path, encoding: str = "utf-8") -> list[tuple[str, str]]:
+    """``parse_token_file`` of the file at ``path`` read as ``encoding`` (BOM skipped)."""
+    return parse_token_file(read_text(path, encoding), path)
+
+
+def is_token_file(text: str) -> bool:
+    """True for the official tab-separated token file (its first non-blank line has a tab, also
+    when that line is a header), False for a CSV (Kaggle ``captions.txt``)."""
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    return "\t" in first
 
 
 def read_flickr8k(
-    sources: list[Path], images: Path | None, val_fraction: float = 0.05, test_fraction: float = 0.05
-) -> list[ImageRecord]:
+    sources: list[Path], images: Path | None, val_fraction: float = 0.05, test_fraction: float = 0.05,
+    encoding: str = "utf-8",
+) -> Records:
     """Read Flickr8k captions. The first source is the token file or Kaggle ``captions.txt``; the
     official split lists are taken from further sources or found beside it. Images not in any
-    list get split ``""`` (``prepare`` reports them as skipped)."""
+    list get split ``""`` (``prepare`` reports them as skipped). Every text is read as
+    ``encoding`` with a UTF-8 byte-order mark skipped; a byte not valid in it, or a malformed
+    line, is a ``CaptionsError`` naming the file and line."""
     main, extra = sources[0], sources[1:]
     image_dir = images if images is not None else default_image_dir(main)
-    if is_token_file(main):
-        pairs = read_token_file(main)
-        split_of = read_split_lists(main.parent, extra)
+    text = read_text(main, encoding)
+    if is_token_file(text):
+        pairs = parse_token_file(text, main)
+        split_of = read_split_lists(main.parent, extra, encoding)
         if split_of is None:
             raise CaptionsError(
                 "no Flickr_8k.{train,dev,test}Images.txt split lists beside it; pass them as extra SOURCEs", main
             )
-        rows = [(n, image_dir / n, split_of.get(n, ""), c) for n, c in pairs]
-        return merge_records(rows)
+        return merge_records([(n, image_dir / n, split_of.get(n, ""), c) for n, c in pairs])
     # Kaggle layout: CSV with image,caption and no split column -> hash split (or official lists if present).
-    records = read_csv_table(main, image_dir, val_fraction, test_fraction)
-    split_of = read_split_lists(main.parent, extra)
+    records = parse_csv_table(text, main, image_dir, val_fraction, test_fraction)
+    split_of = read_split_lists(main.parent, extra, encoding)
     if split_of is not None:
         for r in records:
             r.split = split_of.get(r.name, "")

@@ -149,8 +149,15 @@ def crop_batch(images: list[torch.Tensor], prep: Preprocessing) -> torch.Tensor:
 def preprocess_image(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, crop, crop): shorter side to ``prep.resize``, centre crop.
 
+    The image's centre square is cut out in source coordinates first (as ``prepare`` resizes), so
+    a long thin image is never scaled up whole (20000 x 1 would become 5,120,000 x 256 pixels).
     Normalisation is left to ``normalize_batch`` so workers ship 4x fewer bytes and the GPU does it.
     """
+    from captions.pipeline.resize import centre_square_box
+
+    box = centre_square_box(*img.size)
+    if box != (0, 0, *img.size):
+        img = img.crop(box)
     return crop_tensor(pil_to_tensor(img), prep).contiguous()
 
 

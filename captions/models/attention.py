@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captions.models.base import CaptionDecoder, State
+from captions.models.base import CaptionDecoder, State, caption_slots
 from captions.models.registry import AttnConfig
 from captions.pipeline.vocab import END_ID, NULL_ID
 
@@ -158,26 +158,6 @@ class AttentionDecoder(CaptionDecoder):
         new = dict(state)
         new["h"], new["c"] = h, c
         return self.out(h), new, alpha
-
-
-def caption_slots(image_index: torch.Tensor, num_images: int) -> tuple[int, torch.Tensor | None]:
-    """Lay captions out as (num_images, S) slots, S = the most captions any image has.
-
-    image_index (N,): the image of each caption. Returns S and the slot of each caption (N,)
-    (image * S + its rank among that image's captions), or None when caption n already sits in
-    slot n (every image has S captions, in image order).
-    """
-    n = image_index.shape[0]
-    counts = torch.bincount(image_index, minlength=num_images)
-    S = int(counts.max())
-    order = torch.argsort(image_index, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=image_index.device) - first[image_index[order]]
-    slots = image_index * S + rank
-    if num_images * S == n and bool((slots == torch.arange(n, device=slots.device)).all()):
-        return S, None
-    return S, slots
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

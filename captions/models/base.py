@@ -52,10 +52,10 @@ class CaptionDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=NULL_ID)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.input_dim, padding_idx=NULL_ID)
         self.embed_drop = MaskDropout(cfg.embed_dropout)
         self.drop = MaskDropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.out = nn.Linear(cfg.output_dim, cfg.vocab_size)
 
     image_keys: tuple[str, ...] = ()  # state entries that depend on the image alone, never on the words
 
@@ -70,6 +70,11 @@ class CaptionDecoder(nn.Module):
     def uses_spatial(self) -> bool:
         """Whether ``feats`` are the spatial features (N, P, C) rather than the pooled ones (N, C)."""
         return type(self.cfg).uses_spatial
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear learning-rate warm-up this decoder wants before the schedule (0: none)."""
+        return 0
 
     def auxiliary_loss(self, alphas: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
         """A decoder's own term added to the caption loss in cross-entropy training (None: none).
@@ -87,6 +92,26 @@ class CaptionDecoder(nn.Module):
 
     def init_state(self, feats: torch.Tensor) -> State:
         raise NotImplementedError
+
+
+def caption_slots(image_index: torch.Tensor, num_images: int) -> tuple[int, torch.Tensor | None]:
+    """Lay captions out as (num_images, S) slots, S = the most captions any image has.
+
+    image_index (N,): the image of each caption. Returns S and the slot of each caption (N,)
+    (image * S + its rank among that image's captions), or None when caption n already sits in
+    slot n (every image has S captions, in image order).
+    """
+    n = image_index.shape[0]
+    counts = torch.bincount(image_index, minlength=num_images)
+    S = int(counts.max())
+    order = torch.argsort(image_index, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=image_index.device) - first[image_index[order]]
+    slots = image_index * S + rank
+    if num_images * S == n and bool((slots == torch.arange(n, device=slots.device)).all()):
+        return S, None
+    return S, slots
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum",

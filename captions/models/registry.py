@@ -23,19 +23,38 @@ class DecoderConfig:
     uses_spatial: ClassVar[bool] = False  # reads the spatial features (N, P, C), else the pooled (N, C)
     vocab_size: int = internal(0)
     feature_dim: int = internal(0)
-    embed_dim: int = setting(256, "Word embedding size.", min=1)
-    hidden_dim: int = setting(512, "Recurrent state size.", min=1)
-    dropout: float = setting(0.5, "Dropout before the output layer.", min=0, max=0.95)
-    embed_dropout: float = setting(0.0, "Dropout on the word embeddings fed to the recurrent cell.", min=0, max=0.95)
+    dropout: float = setting(0.5, "Dropout before the output layer (transformer: in every block).", min=0, max=0.95)
+    embed_dropout: float = setting(0.0, "Dropout on the word embeddings fed to the decoder.", min=0, max=0.95)
+
+    # the fields that give the word embedding's size and the size of what the output layer reads
+    dims: ClassVar[tuple[str, str]] = ("embed_dim", "hidden_dim")
+
+    @property
+    def input_dim(self) -> int:
+        """Size of the word embeddings."""
+        return int(getattr(self, self.dims[0]))
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the vector the output layer reads."""
+        return int(getattr(self, self.dims[1]))
 
 
 @dataclass
-class RNNConfig(DecoderConfig):
+class RecurrentConfig(DecoderConfig):
+    """The recurrent decoders' sizes."""
+
+    embed_dim: int = setting(256, "Word embedding size.", min=1)
+    hidden_dim: int = setting(512, "Recurrent state size.", min=1)
+
+
+@dataclass
+class RNNConfig(RecurrentConfig):
     """Vanilla tanh RNN (Karpathy and Fei-Fei 2015): h0 from the pooled feature."""
 
 
 @dataclass
-class LSTMConfig(DecoderConfig):
+class LSTMConfig(RecurrentConfig):
     """LSTM (Vinyals et al. 2015, Show and Tell)."""
 
     feature_as_input: bool = setting(False, "Feed the projected feature as the first input (Show and Tell) "
@@ -43,7 +62,7 @@ class LSTMConfig(DecoderConfig):
 
 
 @dataclass
-class AttnConfig(DecoderConfig):
+class AttnConfig(RecurrentConfig):
     """Attention LSTM over the spatial features (Xu et al. 2015, Show, Attend and Tell)."""
 
     uses_spatial: ClassVar[bool] = True
@@ -54,6 +73,28 @@ class AttnConfig(DecoderConfig):
     # 2:1 and held ucm's greedy CIDEr back (benchmarks/README.md)
     ds_lambda: float = setting(0.1, "additive only: weight of the doubly stochastic regulariser "
                                     "lambda * sum_positions (1 - sum_t alpha)^2, added to the caption loss.", min=0)
+
+
+@dataclass
+class TransformerConfig(DecoderConfig):
+    """Pre-norm Transformer decoder over the spatial features (Vaswani et al. 2017)."""
+
+    uses_spatial: ClassVar[bool] = True
+    dropout: float = setting(0.1, "Dropout before the output layer (transformer: in every block).", min=0, max=0.95)
+    d_model: int = setting(256, "Width of the words, the memory and every block.", min=8)
+    layers: int = setting(2, "Decoder blocks (masked self-attention, cross-attention over the "
+                             "features, feed-forward).", min=1)
+    heads: int = setting(8, "Attention heads (d-model must be a multiple).", min=1)
+    ffn_dim: int = setting(512, "Hidden size of each block's feed-forward network.", min=1)
+    encoder_layers: int = setting(0, "Pre-norm Transformer encoder layers over the projected "
+                                     "features before decoding (0: none).", min=0)
+    positions: str = setting("sinusoidal", "Word position encodings.",
+                             choices=("sinusoidal", "learned"))
+    tie_embeddings: bool = setting(False, "Share the word embedding with the output layer.")
+    warmup_steps: int = setting(400, "Steps of linear learning-rate warm-up before the "
+                                     "schedule (--schedule) decays it.", min=0)
+    max_positions: int = internal(128)  # longest caption (words + <START>/<END>) the positions cover
+    dims: ClassVar[tuple[str, str]] = ("d_model", "d_model")
 
 
 @dataclass(frozen=True)
@@ -86,6 +127,8 @@ register(DecoderEntry("rnn", RNNConfig, "captions.models.rnn:RNNDecoder", "vanil
 register(DecoderEntry("lstm", LSTMConfig, "captions.models.rnn:LSTMDecoder", "LSTM on the pooled feature"))
 register(DecoderEntry("attn", AttnConfig, "captions.models.attention:AttentionDecoder",
                       "attention LSTM over the spatial features"))
+register(DecoderEntry("transformer", TransformerConfig, "captions.models.transformer:TransformerDecoder",
+                      "Transformer decoder over the spatial features"))
 
 
 def decoder_entry(name: str) -> DecoderEntry:
@@ -98,7 +141,7 @@ def decoder_entry(name: str) -> DecoderEntry:
 def decoder_config(name: str, settings: dict[str, Any] | None = None, **more: Any) -> DecoderConfig:
     """Decoder ``name``'s config from ``settings`` and keyword arguments; settings of other
     decoders are ignored (a checkpoint of an older version stored every decoder's in one dict).
-    Raises ``CaptionsError`` for an unknown decoder or a value of the wrong type."""
+    Raises ``CaptionsError`` for an unknown decoder."""
     cls = decoder_entry(name).config
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in {**(settings or {}), **more}.items() if k in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -13,48 +14,99 @@ from typing import Any
 import numpy as np
 
 from captions.data import FORMATS, ImageRecord, read_coco, read_csv_table, read_flickr8k, read_karpathy
-from captions.data.records import SPLITS
+from captions.data.records import SPLITS, Records
 from captions.errors import CaptionsError
-from captions.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
+from captions.fsutil import atomic_path, sha256_file, sha256_json, text_codec, write_json_atomic
 from captions.pipeline.prepared import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
-from captions.pipeline.resize import resize_all, store_name
+from captions.pipeline.resize import resize_all, source_identity, store_name
 from captions.pipeline.settings import PrepareOptions
-from captions.pipeline.tokenize import get_tokenizer
+from captions.pipeline.tokenize import Tokenizer, get_tokenizer
 from captions.pipeline.vocab import Vocabulary
 
 log = logging.getLogger("captions")
 
 
-def read_records(fmt: str, sources: list[Path], images: Path | None, opts: PrepareOptions) -> list[ImageRecord]:
-    """Dispatch to the adapter for ``fmt``."""
+DROP_EMPTY, DROP_NO_WORDS, DROP_IMAGE_SKIPPED = "empty", "no words", "image skipped"
+SOURCES_INDEX = "image_sources.json"  # each resized image's source file identity (the re-run check)
+
+
+def read_records(fmt: str, sources: list[Path], images: Path | None, opts: PrepareOptions) -> Records:
+    """Dispatch to the adapter for ``fmt``; the sources are read as ``opts.encoding``."""
+    enc = opts.encoding
     if fmt == "coco":
-        return read_coco(sources, images)
+        return read_coco(sources, images, enc)
     if fmt == "karpathy":
-        return read_karpathy(sources, images)
+        return read_karpathy(sources, images, enc)
     if fmt == "flickr8k":
-        return read_flickr8k(sources, images, opts.val_fraction, opts.test_fraction)
+        return read_flickr8k(sources, images, opts.val_fraction, opts.test_fraction, enc)
     if fmt == "csv":
-        return [r for s in sources for r in read_csv_table(s, images, opts.val_fraction, opts.test_fraction)]
+        records = Records()
+        for s in sources:
+            records.extend_from(read_csv_table(s, images, opts.val_fraction, opts.test_fraction, enc))
+        return records
     raise CaptionsError(f"unknown format '{fmt}' (choose one of: {', '.join(FORMATS)})")
 
 
-def clean_records(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[dict[str, str]], int]:
-    """Drop empty captions and images that cannot be used.
+@dataclass
+class Cleaned:
+    """What ``clean_records`` leaves: the usable records (stripped captions), each caption's
+    tokens, the images skipped ([{image, reason}]) and the captions dropped, by reason."""
 
-    Returns (usable records, skipped [{image, reason}], number of empty captions dropped).
+    records: list[ImageRecord] = field(default_factory=list)
+    tokens: list[list[list[str]]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, name: str, reason: str, captions: int) -> None:
+        """Skip image ``name`` for ``reason``; its ``captions`` count as dropped with it."""
+        self.skipped.append({"image": name, "reason": reason})
+        if captions:
+            self.dropped[DROP_IMAGE_SKIPPED] += captions
+
+
+def _words(captions: list[str], tokenize: Tokenizer, dropped: Counter[str]) -> tuple[list[str], list[list[str]]]:
+    """The captions that have words (stripped) and their tokens; the others counted in ``dropped``."""
+    kept, tokens = [], []
+    for c in captions:
+        text = c.strip() if isinstance(c, str) else ""
+        words = tokenize(text) if text else []
+        if words:
+            kept.append(text)
+            tokens.append(words)
+        else:  # only punctuation or emoji would train the model to end at once
+            dropped[DROP_NO_WORDS if text else DROP_EMPTY] += 1
+    return kept, tokens
+
+
+def clean_records(records: list[ImageRecord], tokenize: Tokenizer) -> Cleaned:
+    """Tokenize every caption and keep what can be used.
+
+    Empty captions and captions without a word are dropped; images in no split, without a caption
+    left, or named again in another split are skipped; an image named again in its own split gets
+    the captions of both. Every caption read is either kept or counted in ``dropped`` (also the
+    reader's own ``Records.dropped``).
     """
-    kept, skipped, empty = [], [], 0
+    out = Cleaned(dropped=Counter(getattr(records, "dropped", {})))
+    kept_at: dict[str, int] = {}
+    split_of: dict[str, str] = {}
     for r in records:
-        caps = [c.strip() for c in r.captions if isinstance(c, str)]
-        nonempty = [c for c in caps if c]
-        empty += len(r.captions) - len(nonempty)
+        caps, toks = _words(r.captions, tokenize, out.dropped)
+        first = split_of.setdefault(r.name, r.split)
         if r.split not in SPLITS:
-            skipped.append({"image": r.name, "reason": "not in any split list"})
-        elif not nonempty:
-            skipped.append({"image": r.name, "reason": "no non-empty caption"})
+            out.skip(r.name, "not in any split list", len(caps))
+        elif first != r.split:
+            out.skip(r.name, f"named again in split '{r.split}' (first in '{first}')", len(caps))
+        elif r.name in kept_at:
+            i = kept_at[r.name]
+            out.records[i].captions.extend(caps)
+            out.tokens[i].extend(toks)
+        elif not caps:
+            out.skip(r.name, "no caption with a word", 0)
         else:
-            kept.append(ImageRecord(r.name, r.path, r.split, nonempty))
-    return kept, skipped, empty
+            kept_at[r.name] = len(out.records)
+            out.records.append(ImageRecord(r.name, r.path, r.split, caps))
+            out.tokens.append(toks)
+    return out
 
 
 @dataclass
@@ -93,34 +145,53 @@ def _fingerprint(job: _Job) -> None:
                                    "images": job.images_resolved, **asdict(job.opts)})
 
 
-def _usable_records(job: _Job, workers: int, progress: bool) -> tuple[list[ImageRecord], list[dict[str, str]], int]:
-    """Read, clean and resize the records: (records whose image resized, skipped [{image, reason}],
-    empty captions dropped). ``CaptionsError`` when no training image is left."""
+def _usable_records(job: _Job, tokenize: Tokenizer, workers: int, progress: bool) -> tuple[Cleaned, int]:
+    """Read, tokenize, clean and resize the records: the ``Cleaned`` records whose image resized
+    (the others skipped, with their reasons) and the number of captions read. Writes the
+    identity of every image it tried (``SOURCES_INDEX``). ``CaptionsError`` when no training
+    image is left."""
     records = read_records(job.fmt, job.sources, job.images_root, job.opts)
     if not records:
         raise CaptionsError("no images found in the sources", job.sources[0])
-    records, skipped, empty = clean_records(records)
-    if empty:
-        log.warning("dropped %d empty caption(s)", empty)
+    read = sum(len(r.captions) for r in records) + sum(records.dropped.values())
+    cleaned = clean_records(records, tokenize)
+    for reason in (DROP_EMPTY, DROP_NO_WORDS):
+        if cleaned.dropped[reason]:
+            log.warning("dropped %d caption(s): %s", cleaned.dropped[reason],
+                        "empty" if reason == DROP_EMPTY else "no words (only punctuation or symbols)")
 
     store = job.out / "images"
     store.mkdir(parents=True, exist_ok=True)
-    pairs = [(r.path, store / store_name(r.name)) for r in records]
-    reasons = resize_all(pairs, job.opts.image_size, workers=workers, progress=progress)
-    usable = []
-    for r, reason in zip(records, reasons, strict=True):
+    pairs = [(r.path, store / store_name(r.name)) for r in cleaned.records]
+    write_json_atomic(job.out / SOURCES_INDEX, [[str(src), source_identity(src)] for src, _ in pairs])
+    reasons = resize_all(pairs, job.opts.image_size, workers=workers, progress=progress,
+                         max_pixels=job.opts.max_pixels)
+    usable = Cleaned(skipped=cleaned.skipped, dropped=cleaned.dropped)
+    for r, toks, reason in zip(cleaned.records, cleaned.tokens, reasons, strict=True):
         if reason is None:
-            usable.append(r)
+            usable.records.append(r)
+            usable.tokens.append(toks)
         else:
-            skipped.append({"image": r.name, "reason": f"{reason}: {r.path}"})
+            usable.skip(r.name, f"{reason}: {r.path}", len(r.captions))
+    skipped = usable.skipped
     for s in skipped[:20]:
         log.warning("skipped %s: %s", s["image"], s["reason"])
     if len(skipped) > 20:
         log.warning("... and %d more skipped images (all listed in %s)", len(skipped) - 20, job.out / MANIFEST)
-    if not any(r.split == "train" for r in usable):
+    if not any(r.split == "train" for r in usable.records):
         raise CaptionsError(f"no usable training images ({len(skipped)} skipped; see the messages above)",
                             job.sources[0])
-    return usable, skipped, empty
+    return usable, read
+
+
+def stale_sources(out: Path) -> list[str]:
+    """Source images whose file changed (size, modification time, presence, or path) since ``out``
+    was prepared from them; every one when the record of them is missing."""
+    try:
+        index = json.loads((out / SOURCES_INDEX).read_text(encoding="utf-8"))
+        return [src for src, identity in index if source_identity(src) != identity]
+    except (OSError, ValueError, TypeError):
+        return [str(out / SOURCES_INDEX)]
 
 
 def _write_dataset(out: Path, usable: list[ImageRecord], tokens: list[list[list[str]]], vocab: Vocabulary,
@@ -147,11 +218,11 @@ def _write_dataset(out: Path, usable: list[ImageRecord], tokens: list[list[list[
     return image_ids
 
 
-def _manifest(job: _Job, vocab: Vocabulary, usable: list[ImageRecord], image_ids: list[int],
-              skipped: list[dict[str, str]], empty: int) -> dict[str, Any]:
-    """The manifest of the files just written (its key order is the file's)."""
-    split_count = Counter(r.split for r in usable)
-    caption_count = Counter(usable[i].split for i in image_ids)
+def _manifest(job: _Job, vocab: Vocabulary, usable: Cleaned, image_ids: list[int], read: int) -> dict[str, Any]:
+    """The manifest of the files just written (its key order is the file's). Captions add up:
+    ``captions_read`` = ``captions_kept`` + the sum of ``captions_dropped`` (reason -> count)."""
+    split_count = Counter(r.split for r in usable.records)
+    caption_count = Counter(usable.records[i].split for i in image_ids)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -166,10 +237,28 @@ def _manifest(job: _Job, vocab: Vocabulary, usable: list[ImageRecord], image_ids
         "dataset_hash": sha256_json({"annotations": sha256_file(job.out / "annotations.json"),
                                      "captions": sha256_file(job.out / "captions.npz"), "vocab": vocab.hash}),
         "counts": {s: {"images": split_count.get(s, 0), "captions": caption_count.get(s, 0)} for s in SPLITS},
-        "empty_captions": empty,
-        "skipped_count": len(skipped),
-        "skipped": skipped,
+        "captions_read": read,
+        "captions_kept": len(image_ids),
+        "captions_dropped": dict(sorted(usable.dropped.items())),
+        "empty_captions": usable.dropped[DROP_EMPTY] + usable.dropped[DROP_NO_WORDS],
+        "skipped_count": len(usable.skipped),
+        "skipped": usable.skipped,
     }
+
+
+def _up_to_date(job: _Job, existing: dict[str, Any] | None) -> bool:
+    """Whether ``existing`` (the manifest in ``job.out``) came from the same sources, options and
+    source images (a repaired, replaced or moved image file prepares again)."""
+    if existing is None or existing.get("fingerprint") != job.fingerprint:
+        if existing is not None:
+            log.info("%s: sources or options changed; preparing again", job.out)
+        return False
+    stale = stale_sources(job.out)
+    if stale:
+        log.info("%s: %d source image(s) changed since it was prepared (e.g. %s); preparing again", job.out,
+                 len(stale), stale[0])
+        return False
+    return True
 
 
 def prepare(
@@ -184,44 +273,63 @@ def prepare(
     """Prepare a dataset into ``out`` and return its manifest.
 
     ``fmt`` is one of ``coco``, ``flickr8k``, ``karpathy``, ``csv`` (``synthetic`` is handled by
-    ``prepare_synthetic``). Re-running with identical sources and options returns the existing
-    manifest without doing anything; an interrupted run resumes its resize. Raises
-    ``CaptionsError`` for a missing source or images folder, an unknown format or tokenizer, an
-    ``out`` of another format version, or when no usable training image is left.
+    ``prepare_synthetic``). Re-running with identical sources, options and source image files
+    returns the existing manifest without doing anything; an interrupted run resumes its resize
+    (keeping the resized images whose source file is unchanged). Raises ``CaptionsError`` for a
+    missing source or images folder, an unknown format, tokenizer or encoding, a structural fault
+    in a source (naming the file, entry and key), an ``out`` of another format version, or when
+    no usable training image is left.
     """
     opts = options or PrepareOptions()
     tokenize = get_tokenizer(opts.tokenizer, opts.lang)  # fail on a bad tokenizer before any work
+    text_codec(opts.encoding)  # and on an unknown encoding
     out = Path(out)
     src_paths, images_root = _checked_inputs(sources, images)
-    existing = read_manifest(out)  # refuses another format version before the sources are hashed
+    existing = _checked_out(out)  # refuses another format version before the sources are hashed
     job = _Job(fmt, out, src_paths, images_root, opts)
     _fingerprint(job)
-    if existing is not None and existing.get("fingerprint") == job.fingerprint:
+    if _up_to_date(job, existing):
         log.info("%s: already prepared from the same sources and options; nothing to do", out)
         return existing
     if existing is not None:
-        log.info("%s: sources or options changed; preparing again", out)
         (out / MANIFEST).unlink()  # the directory is incomplete until the new manifest lands
 
-    usable, skipped, empty = _usable_records(job, workers, progress)
-    tokens = [[tokenize(c) for c in r.captions] for r in usable]
+    usable, read = _usable_records(job, tokenize, workers, progress)
     # the vocabulary sees training captions only, so val/test words stay unknown as in deployment
-    vocab = Vocabulary.build((t for r, ts in zip(usable, tokens, strict=True) if r.split == "train" for t in ts),
-                             opts.min_count)
-    image_ids = _write_dataset(out, usable, tokens, vocab, opts.max_length)
-    manifest = _manifest(job, vocab, usable, image_ids, skipped, empty)
+    vocab = Vocabulary.build((t for r, ts in zip(usable.records, usable.tokens, strict=True) if r.split == "train"
+                              for t in ts), opts.min_count)
+    image_ids = _write_dataset(out, usable.records, usable.tokens, vocab, opts.max_length)
+    manifest = _manifest(job, vocab, usable, image_ids, read)
     write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks the directory complete
     return manifest
+
+
+def _checked_out(out: Path) -> dict[str, Any] | None:
+    """The manifest already in ``out`` (None when there is none); ``CaptionsError`` when ``out`` is
+    a file or holds a prepared dataset of another format version."""
+    if out.exists() and not out.is_dir():
+        raise CaptionsError("--out is a file, not a folder", out)
+    return read_manifest(out)
 
 
 def prepare_synthetic(out: str | Path, n_train: int = 1200, n_val: int = 150, n_test: int = 150,
                       seed: int = 0, options: PrepareOptions | None = None, workers: int = -1,
                       progress: bool = True) -> dict[str, Any]:
-    """Generate the synthetic shapes set under ``out/source`` and prepare it (COCO path) into ``out``."""
+    """Generate the synthetic shapes set under ``out/source`` and prepare it (COCO path) into ``out``.
+
+    Everything ``prepare`` would refuse without looking at the images (image counts: train at
+    least 1, val and test at least 0; the tokenizer, the encoding, an ``out`` of another format
+    version) is refused with ``CaptionsError`` before anything is written.
+    """
     from captions.data.synthetic import generate_synthetic
 
     out = Path(out)
     opts = options or PrepareOptions(min_count=1, image_size=128)
+    if n_train < 1 or n_val < 0 or n_test < 0:
+        raise CaptionsError(f"image counts must be train >= 1, val >= 0, test >= 0; got {n_train},{n_val},{n_test}")
+    get_tokenizer(opts.tokenizer, opts.lang)
+    text_codec(opts.encoding)
+    _checked_out(out)
     sources = generate_synthetic(out / "source", n_train, n_val, n_test, seed=seed)
     return prepare("coco", sources, out, images=out / "source", options=opts, workers=workers, progress=progress)
 

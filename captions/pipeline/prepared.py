@@ -6,7 +6,8 @@ Layout of ``DIR``::
     vocab.json        idx_to_token, token_to_idx, hash
     annotations.json  images: id, name, file (in images/), split, raw captions, tokens
     captions.npz      captions (M, max_length+2) int32, image_ids (M,) int32
-    images/           resized JPEGs (image_size x image_size, RGB)
+    images/           resized JPEGs (image_size x image_size, RGB; the comment names the source file)
+    image_sources.json  path, size and modification time of each source image (the re-run check)
 """
 
 from __future__ import annotations

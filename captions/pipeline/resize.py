@@ -3,31 +3,59 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from captions.fsutil import atomic_path
+from captions.pipeline.settings import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO
 
 log = logging.getLogger("captions")
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+class ImageRefused(ValueError):
+    """An image that is readable but not used: it would decode to too many pixels, or its shape is
+    too far from a photo's."""
+
+
+def check_shape(width: int, height: int, max_pixels: int, decoded: tuple[int, int] | None = None) -> None:
+    """Raise ``ImageRefused`` for an aspect ratio over ``MAX_ASPECT_RATIO`` or for more than
+    ``max_pixels`` pixels to decode (``decoded``: the reduced size a JPEG decodes at, when less)."""
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageRefused(f"{width} x {height} pixels: aspect ratio over {MAX_ASPECT_RATIO}:1")
+    dw, dh = decoded or (width, height)
+    if dw * dh > max_pixels:
+        raise ImageRefused(f"{width} x {height} pixels: decoding {dw * dh:,} pixels exceeds --max-pixels "
+                           f"{max_pixels:,}")
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open any image PIL reads and return it as RGB with its EXIF orientation applied.
 
     ``draft_size``: for JPEGs, let the decoder downscale by a power of two while keeping both sides
-    at least this large (several times faster for big photos that will be resized anyway).
+    at least this large (several times faster for big photos that will be resized anyway, and it
+    bounds their memory). The size is checked from the file's header before anything is decoded
+    (``check_shape``: ``ImageRefused`` beyond ``max_pixels`` decoded pixels or ``MAX_ASPECT_RATIO``).
 
     Grayscale, 16-bit, CMYK and palette images are converted; transparency is composited onto
     white (a transparent background is white when people look at it, not black).
     Raises ``OSError``/``ValueError`` (from PIL) for unreadable or truncated files.
     """
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        # PIL warns about large images at open; the size is bounded here, with the user's setting
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as im:
+        header = im.size
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
+        check_shape(*header, max_pixels, decoded=im.size)
         im.load()  # force the decode now so truncation errors surface here
         return to_rgb(ImageOps.exif_transpose(im))
 
@@ -48,14 +76,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def centre_square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the largest centred square of a ``width`` x ``height`` image."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to ``size`` (bicubic, antialiased) and centre-crop to ``size`` x ``size``."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    """The centre square of ``img`` (cropped in source coordinates, so an extreme aspect ratio costs
+    nothing) resized to ``size`` x ``size`` (bicubic, antialiased)."""
+    return img.resize((size, size), Image.BICUBIC, box=centre_square_box(*img.size), reducing_gap=3.0)
 
 
 def store_name(image_name: str) -> str:
@@ -63,41 +94,64 @@ def store_name(image_name: str) -> str:
     return hashlib.sha1(image_name.encode("utf-8")).hexdigest()[:20] + ".jpg"
 
 
-def resize_one(src: str, dst: str, size: int, quality: int = 95) -> str | None:
-    """Resize ``src`` into ``dst`` unless a finished ``dst`` of the right size exists.
+def source_identity(src: str | os.PathLike) -> str | None:
+    """What the resized copy of ``src`` was made from: its resolved path, size and modification
+    time (None when it does not exist). A change to any of them means the copy is stale."""
+    try:
+        st = os.stat(src)
+    except (OSError, ValueError):  # ValueError: a name with a NUL byte, which no file has
+        return None
+    return json.dumps([str(Path(src).resolve()), st.st_size, st.st_mtime_ns])
+
+
+def _finished(dst: str, size: int, identity: str | None) -> bool:
+    """True when ``dst`` is a resized copy of the right size made from the source ``identity``."""
+    try:
+        with Image.open(dst) as done:
+            comment = done.info.get("comment", b"")
+            return done.size == (size, size) and identity is not None and comment == identity.encode()
+    except OSError:
+        return False  # absent, or an unreadable leftover: redo it
+
+
+def resize_one(src: str, dst: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 95) -> str | None:
+    """Resize ``src`` into ``dst`` unless a finished ``dst`` of the right size, made from the same
+    source file (path, size, modification time: kept in the JPEG's comment), exists.
 
     Returns None on success, else a one-line reason the image was skipped.
     """
-    if os.path.exists(dst):
-        try:
-            with Image.open(dst) as done:
-                if done.size == (size, size):
-                    return None
-        except OSError:
-            pass  # unreadable leftover: redo it
+    identity = source_identity(src)
+    if os.path.exists(dst) and _finished(dst, size, identity):
+        return None
+    if identity is None:
+        return "image file not found"
     try:
-        img = resize_square(load_rgb(src, draft_size=size), size)
+        img = resize_square(load_rgb(src, draft_size=size, max_pixels=max_pixels), size)
     except FileNotFoundError:
         return "image file not found"
+    except ImageRefused as e:
+        return f"image refused ({e})"
     except Exception as e:  # PIL raises many types for corrupt data; any of them means "skip this image"
         return f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
     with atomic_path(dst) as tmp:
-        img.save(tmp, format="JPEG", quality=quality)
+        img.save(tmp, format="JPEG", quality=quality, comment=identity)
     return None
 
 
 def resize_all(
-    pairs: Sequence[tuple[Path, Path]], size: int, workers: int = -1, progress: bool = True
+    pairs: Sequence[tuple[Path, Path]], size: int, workers: int = -1, progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[str | None]:
     """Resize each ``(source, destination)`` pair in parallel (joblib processes, one per core by default).
 
     Returns, for each pair in order, None when the resized copy is ready or the skip reason.
-    Finished files are kept, so an interrupted run resumes where it stopped.
+    Finished files made from the same source files are kept, so an interrupted run resumes where
+    it stopped; a source that changed (or moved) is resized again.
     """
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    jobs = [delayed(resize_one)(str(src), str(dst), size) for src, dst in pairs]
+    jobs = [delayed(resize_one)(str(src), str(dst), size, max_pixels) for src, dst in pairs]
     n_jobs = workers if workers and workers > 0 else (os.cpu_count() or 1)
     if n_jobs == 1 or len(jobs) < 8:
         results_iter = (fn(*args, **kw) for fn, args, kw in jobs)

@@ -19,7 +19,8 @@ def evaluate_split(model: CaptionDecoder, ds: PreparedDataset, store: FeatureSto
     """Teacher-forced ``loss`` ("sum" or "mean", without label smoothing) over caption ``rows``
     and greedy BLEU-4 / CIDEr of images ``image_ids`` of ``split``.
 
-    Returns {"val_loss", "BLEU-4", "CIDEr", "samples": the first three predicted captions}.
+    Returns {"val_loss", "BLEU-4", "CIDEr", "samples": the first three predicted captions}; CIDEr
+    is None when it is undefined (fewer than two images: ``captions.metrics.cider_defined``).
     Leaves the model in training mode.
     """
     model.eval()
@@ -33,7 +34,8 @@ def evaluate_split(model: CaptionDecoder, ds: PreparedDataset, store: FeatureSto
             count += len(r)
         preds = caption_images(model, image_ids, store.gather_sorted, ds.max_words + 1, ds.vocab.idx_to_token,
                                batch_size)
-    scores = score_captions(ds.references(split), preds, metrics=("bleu", "cider"))
+    # undefined CIDEr is not warned about each epoch: the end-of-epoch decision says once what it uses
+    scores = score_captions(ds.references(split), preds, metrics=("bleu", "cider"), warn=False)
     model.train()
     return {"val_loss": total / max(count, 1), "BLEU-4": scores.get("BLEU-4", 0.0),
-            "CIDEr": scores.get("CIDEr", 0.0), "samples": [preds[i] for i in list(preds)[:3]]}
+            "CIDEr": scores.get("CIDEr"), "samples": [preds[i] for i in list(preds)[:3]]}

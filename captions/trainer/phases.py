@@ -40,6 +40,14 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     raise CaptionsError(f"unknown schedule '{schedule}' (cosine, step or none)")
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear learning-rate warm-up: (step + 1) / warmup_steps until it reaches 1 (1 when there is
+    no warm-up), as Transformers are trained (Vaswani et al. 2017, with a linear ramp)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
 @dataclass
 class StepLoss:
     """One batch's loss (a scalar tensor with its graph), the captions it covered, and the mean
@@ -60,8 +68,9 @@ class CrossEntropy:
         self.run = run
 
     def lr_factor(self, step: int) -> float:
+        """The schedule's factor, times the decoder's linear warm-up over its first steps."""
         cfg = self.run.cfg
-        return lr_factor(cfg.schedule, step, self.run.total_steps)
+        return lr_factor(cfg.schedule, step, self.run.total_steps) * warmup_factor(step, self.run.core.warmup_steps)
 
     def begin(self) -> None:
         """Nothing to set up: the run starts in this phase."""
@@ -117,8 +126,11 @@ class SelfCritical:
         run = self.run
         if not len(run.val_ids):  # nothing to choose by: best.pt, when it is read, holds the last epoch
             return "the last cross-entropy epoch (no val split)"
-        if run.cfg.scst_start == "cider":
-            return f"the best epoch ({run.state.best['epoch']}, val CIDEr {run.state.best['CIDEr']:.4f})"
+        best = run.state.best
+        if run.cfg.scst_start == "cider" and best.get("CIDEr") is not None:
+            return f"the best epoch ({best['epoch']}, val CIDEr {best['CIDEr']:.4f})"
+        if run.cfg.scst_start == "cider":  # CIDEr is undefined on this val split: the best epoch is by val loss
+            return f"the best epoch ({best['epoch']}, val loss {best['val_loss']:.4f}; CIDEr undefined)"
         epoch, loss = run.state.lowest_val_loss
         return f"the epoch of the lowest val loss ({epoch}, {loss:.4f})"
 

@@ -100,7 +100,7 @@ class TrainingRun:
             cache.close()
             raise
         if ckpt is not None and ckpt.get("early_stopped"):  # before any features are loaded: nothing to do
-            log.info("%s stopped early at epoch %d (val CIDEr had not improved for %d epochs): nothing to resume",
+            log.info("%s stopped early at epoch %d (its val metric had not improved for %d epochs): nothing to resume",
                      out / "last.pt", ckpt["epoch"], ckpt["bad_epochs"])
             cache.close()
             return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}

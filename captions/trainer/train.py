@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ log = logging.getLogger("captions")
 __all__ = ["SCST_START", "TrainConfig", "TrainingInterrupted", "train", "train_one_epoch", "end_of_epoch", "decide"]
 
 Phase = CrossEntropy | SelfCritical
+_SAID_LOSS_FALLBACK: weakref.WeakSet = weakref.WeakSet()  # runs told that the val loss stands in for CIDEr
 
 
 @dataclass
@@ -58,6 +61,7 @@ class EpochDecision:
     stop: bool
     next_epoch: int
     bad_epochs: int
+    by: str = "CIDEr"  # what "best" meant: val CIDEr, or "val loss" where CIDEr is undefined
 
 
 def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike,
@@ -156,17 +160,25 @@ def train_step(run: TrainingRun, phase: Phase, rows: np.ndarray, stats: EpochSta
 
 def decide(state: TrainState, row: dict[str, Any], cfg: TrainConfig, scst: bool, has_val: bool) -> EpochDecision:
     """The end-of-epoch decision from the epoch's val ``row`` (pure). Best epoch: the highest val
-    CIDEr (every epoch without a val split); early stopping after ``patience`` epochs without a
-    better one, per phase; the cross-entropy phase ends early or on time into the self-critical
-    one when ``scst_epochs`` > 0."""
-    improved = not has_val or row["CIDEr"] > state.best["CIDEr"]
+    CIDEr, or, where CIDEr is undefined (``row["CIDEr"]`` None: fewer than two val images), the
+    lowest val loss: an undefined metric never selects or stops (every epoch is best without a
+    val split); early stopping after ``patience`` epochs without a better one, per phase; the
+    cross-entropy phase ends early or on time into the self-critical one when ``scst_epochs`` > 0."""
+    by = "val loss" if has_val and row.get("CIDEr") is None else "CIDEr"
+    if not has_val:
+        improved = True
+    elif by == "CIDEr":
+        best = state.best.get("CIDEr")
+        improved = best is None or row["CIDEr"] > best
+    else:
+        improved = row["val_loss"] < state.best.get("val_loss", math.inf)
     bad = 0 if improved else state.bad_epochs + 1
     stop = has_val and bad >= cfg.patience
     next_epoch = state.epoch + 1
     if not scst and (stop or next_epoch == cfg.epochs) and cfg.scst_epochs > 0:
         next_epoch, stop, bad = cfg.epochs, False, 0  # on to self-critical training
     lower = not scst and has_val and row["val_loss"] < state.lowest_val_loss[1]
-    return EpochDecision(improved, lower, stop, next_epoch, bad)
+    return EpochDecision(improved, lower, stop, next_epoch, bad, by)
 
 
 def apply_decision(state: TrainState, row: dict[str, Any], d: EpochDecision) -> None:
@@ -234,10 +246,15 @@ def commit_epoch(run: TrainingRun, row: dict[str, Any], d: EpochDecision, writer
         f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, float)))
     for s in samples:
         log.info("  val sample: %s", s)
+    if d.by != "CIDEr" and run not in _SAID_LOSS_FALLBACK:
+        _SAID_LOSS_FALLBACK.add(run)
+        log.warning("val CIDEr is undefined with %d val image(s) (it needs two): the best epoch and early stopping "
+                    "follow the val loss instead", len(run.val_ids))
     if d.stop:
         best = run.state.best
-        log.info("early stop: val CIDEr has not improved for %d epochs (best %.4f at epoch %d)",
-                 run.state.bad_epochs, best["CIDEr"], best["epoch"])
+        key = "CIDEr" if d.by == "CIDEr" else "val_loss"
+        log.info("early stop: val %s has not improved for %d epochs (best %.4f at epoch %d)",
+                 d.by.removeprefix("val "), run.state.bad_epochs, best[key], best["epoch"])
 
 
 def tensorboard_writer(out: Path):
