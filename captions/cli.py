@@ -13,7 +13,7 @@ from captions import __version__
 from captions.demo import DemoOptions
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS
-from captions.options import click_options, field_default, option_fields, read_config_file
+from captions.options import checked_value, click_options, field_default, option_fields, read_config_file
 from captions.pipeline.settings import PrepareOptions
 from captions.serve.settings import ServeOptions
 from captions.trainer.config import TrainConfig
@@ -24,13 +24,18 @@ from captions.trainer.config import TrainConfig
 
 
 class CaptionsGroup(click.Group):
-    """Turns ``CaptionsError`` into ``Error: <one line>`` on stderr and exit status 1."""
+    """Turns ``CaptionsError`` into ``Error: <one line>`` on stderr and exit status 1; so too an
+    ``OSError`` the stages did not word themselves (a full disk, a read-only folder, a path
+    under a file), with the path and the system's reason."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CaptionsError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or type(e).__name__}") from None
 
 
 @click.group(cls=CaptionsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,39 +228,42 @@ def _train_fields() -> list:
     return out
 
 
-def _from_config_file(ctx: click.Context, path: Path | None, file: dict, values: dict) -> dict:
-    """``values`` (the command's parameters) with those left at their defaults taken from the
-    config ``file`` read from ``path``, converted and checked like the command line's."""
-    if path is None:
-        return values
-    file = {**{k: v for k, v in file.items() if k != "decoder"}, **dict(file.get("decoder") or {})}
-    unknown = sorted(set(file) - {p.name for p in ctx.command.params} - {"model", "data", "features", "out"})
+_PATHS = ("data", "features", "out")
+
+
+def _read_train_file(path: Path) -> dict:
+    """A train config file as {setting: value}: its ``decoder`` mapping flattened, every value
+    checked against its setting (type, bounds, choices). Raises ``CaptionsError`` naming the file."""
+    file = read_config_file(path)
+    decoder = file.pop("decoder", None) or {}
+    if not isinstance(decoder, dict):
+        raise CaptionsError("decoder must be a mapping of the decoder's settings", path)
+    file.update({str(k).replace("-", "_"): v for k, v in decoder.items()})
+    fields = {f.name: f for f, *_ in _train_fields()}
+    unknown = sorted(set(file) - set(fields) - {"model", *_PATHS})
     if unknown:
         raise CaptionsError(f"unknown setting(s) {', '.join(unknown)}", path)
-    params = {p.name: p for p in ctx.command.params}
-    merged = dict(values)
     for name, value in file.items():
-        if name in params and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
-            try:
-                merged[name] = params[name].type_cast_value(ctx, value)
-            except click.BadParameter as e:
-                raise CaptionsError(f"{name}: {e.message}", path) from None
-            except (TypeError, ValueError):  # a list or mapping where a number is wanted
-                raise CaptionsError(f"{name}: {value!r} is not a valid {params[name].type.name}", path) from None
-    return merged
+        try:
+            if name in fields:
+                file[name] = checked_value(fields[name], value)
+            elif not isinstance(value, str):
+                raise ValueError(f"must be a string, got {value!r}")
+        except ValueError as e:
+            raise CaptionsError(f"{name} {e}", path) from None
+    return file
 
 
-def _train_config(ctx: click.Context, model: str, settings: dict) -> TrainConfig:
-    """The TrainConfig of ``model``; a decoder setting that ``model`` does not have, given on the
-    command line, is refused."""
-    entry = DECODERS[model]
-    own = {f.name for f in option_fields(entry.config)}
+def _train_config(model: str, given: dict, config: Path | None) -> TrainConfig:
+    """The TrainConfig of ``model`` from the settings ``given`` (command line over config file); a
+    setting of another decoder is refused."""
+    own = {f.name for f in option_fields(DECODERS[model].config)}
     training = {f.name for f in option_fields(TrainConfig)}
-    for name in sorted(set(settings) - own - training):
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-            raise CaptionsError(f"--{name.replace('_', '-')} does not apply to {model}")
-    return TrainConfig.from_dict({"model": model, **{k: v for k, v in settings.items() if k in training},
-                                  "decoder": {k: v for k, v in settings.items() if k in own and v is not None}})
+    for name in sorted(set(given) - own - training - {"model", *_PATHS}):
+        where = f" (in {config})" if config is not None else ""
+        raise CaptionsError(f"--{name.replace('_', '-')} does not apply to {model}{where}")
+    return TrainConfig.from_dict({"model": model, **{k: v for k, v in given.items() if k in training},
+                                  "decoder": {k: v for k, v in given.items() if k in own}})
 
 
 @main.command("train")
@@ -286,18 +294,21 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
     """
     from captions.trainer.train import train
 
-    file = read_config_file(config) if config is not None else {}
-    values = _from_config_file(ctx, config, file, values)
-    model = model or file.get("model")
-    paths = {k: values.pop(k) or (Path(file[k]) if file.get(k) else None) for k in ("data", "features", "out")}
-    missing = [k for k in ("model", *paths) if not (model if k == "model" else paths[k])]
+    given = _read_train_file(config) if config is not None else {}
+    given.update({k: v for k, v in values.items()  # the command line overrides the file
+                  if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT})
+    model = model or given.get("model")
+    paths = {k: Path(given[k]) if given.get(k) else None for k in _PATHS}
+    missing = [k for k in ("model", *_PATHS) if not (model if k == "model" else paths[k])]
     if missing:
         raise CaptionsError(f"missing {', '.join('MODEL' if k == 'model' else '--' + k for k in missing)} "
                             f"(on the command line or in --config)")
     if model not in DECODERS:
         raise CaptionsError(f"unknown model '{model}' (choose one of: {', '.join(DECODERS)})", config)
-    cfg = _train_config(ctx, model, values)
-    result = train(paths["data"], paths["features"], paths["out"], cfg, resume=resume, progress=not quiet)
+    cfg = _train_config(model, given, config)
+    given_names = {k for k in given if k not in _PATHS} | {"model"}
+    result = train(paths["data"], paths["features"], paths["out"], cfg, resume=resume, progress=not quiet,
+                   given=given_names)
     if int(os.environ.get("RANK", 0)) == 0:
         b = result["best"]
         scores = (f", val CIDEr {b['CIDEr']:.3f}" if b.get("CIDEr") is not None  # None: undefined, one val image

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,9 @@ def click_option(f: dataclasses.Field, note: str = "", shown_default: str | None
     meta = f.metadata[_KEY]
     value = field_default(f)
     help_text = meta["help"] + (f" {note}" if note else "")
-    if isinstance(value, bool):
-        return click.option(flag(f.name), f.name, is_flag=True, default=value, help=help_text)
+    if isinstance(value, bool):  # --x/--no-x, so that a command line can turn off what a config file set
+        return click.option(f"{flag(f.name)}/--no-{flag(f.name)[2:]}", f.name, default=value, help=help_text,
+                            show_default=True)
     kind: Any = type(value)
     if meta["choices"]:
         kind = click.Choice(list(meta["choices"]))
@@ -91,6 +93,50 @@ def click_options(fields: Iterable[tuple[dataclasses.Field, str] | tuple[datacla
     return decorate
 
 
+def checked_value(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` for ``setting`` field ``f`` if it has the field's type and lies within its bounds
+    and choices (a whole float is taken for an int; a string that reads as a number for a float,
+    as PyYAML leaves ``1e-3``). Raises ``ValueError`` with a short reason."""
+    meta, default = f.metadata[_KEY], field_default(f)
+    if value is None:
+        raise ValueError("needs a value")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        value = int(value)
+    elif isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if (meta["min"] is not None and value < meta["min"]) or (meta["max"] is not None and value > meta["max"]):
+        bounds = f"between {meta['min']} and {meta['max']}" if meta["max"] is not None else f">= {meta['min']}"
+        raise ValueError(f"must be {bounds}, got {value!r}")
+    return value
+
+
+def validate(obj: Any, what: str) -> None:
+    """Check every ``setting`` field of dataclass instance ``obj`` with ``checked_value``.
+    Raises ``CaptionsError("<what>: <name> <reason>")`` for the first bad one."""
+    for f in option_fields(type(obj)):
+        try:
+            checked_value(f, getattr(obj, f.name))
+        except ValueError as e:
+            raise CaptionsError(f"{what}: {f.name.replace('_', '-')} {e}") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A settings file (YAML or JSON, by suffix; ``.yml``/``.yaml`` read with PyYAML) -> a mapping
     of setting names (dashes or underscores) to values. Raises ``CaptionsError`` naming the file."""
@@ -99,6 +145,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise CaptionsError(f"cannot read the config file ({e.strerror})", path) from None
+    except UnicodeDecodeError as e:
+        raise CaptionsError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})", path) from None
     try:
         if path.suffix.lower() in (".yml", ".yaml"):
             import yaml

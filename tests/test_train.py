@@ -295,6 +295,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, synth, model):
     train(data, cache, tmp_path / "cut", cfg, resume=True, progress=False)
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["val_loss"] for r in cut] == pytest.approx([r["val_loss"] for r in full], rel=1e-6)
+    # the interrupted epoch's running train loss covers its steps before the interruption too
+    assert [r["train_loss"] for r in cut] == pytest.approx([r["train_loss"] for r in full], rel=1e-6)
     a = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -432,7 +434,10 @@ def test_a_checkpoint_of_the_previous_version_loads_decodes_and_resumes(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(os.path.join(fixture, "last.pt"), run / "last.pt")
-    result = train(data, cache, run, config(model="attn", epochs=2), resume=True, progress=False)
+    # the settings that version's run was made with (tests/data/checkpoint-v0.1 was written by its make.py)
+    base = dict(batch_size=16, embed_dim=8, hidden_dim=8, attention_dim=8, lr=3e-3, dropout=0.1, checkpoint_every=0,
+                eval_batch_size=64, scst_epochs=0)
+    result = train(data, cache, run, config(model="attn", epochs=2, **base), resume=True, progress=False)
     assert result["epochs_run"] == 2
     (row,) = read_metrics(run)
     for key, value in expected["epoch2"].items():
@@ -456,6 +461,11 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, synth):
     assert saved["decoder"] == {"embed_dim": 8, "hidden_dim": 24, "dropout": 0.5, "embed_dropout": 0.0,
                                 "feature_as_input": True}
     assert load_checkpoint(tmp_path / "run" / "best.pt")["decoder_config"]["hidden_dim"] == 24
+    # a flag turns off what the file turned on
+    off = CliRunner().invoke(main, ["train", "--config", str(cfg_file), "--out", str(tmp_path / "off"),
+                                    "--no-feature-as-input", "--quiet"])
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["decoder"]["feature_as_input"] is False
     # the saved config runs the same training again
     again = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "run" / "config.json"), "--data", str(data),
                                       "--features", str(cache), "--out", str(tmp_path / "again"), "--quiet"])
@@ -465,10 +475,21 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, synth):
 
 @pytest.mark.parametrize("text,args,message", [
     ("epochs: 1\nwarmup: 3\n", ["lstm"], "unknown setting(s) warmup"),
-    ("epochs: [1, 2]\n", ["lstm"], "epochs:"),
+    ("epochs: [1, 2]\n", ["lstm"], "epochs must be a whole number"),
+    ("epochs:\n", ["lstm"], "epochs needs a value"),
+    ("epochs: 1.7\n", ["lstm"], "epochs must be a whole number"),
+    ("epochs: true\n", ["lstm"], "epochs must be a whole number"),
+    ("lr: .nan\n", ["lstm"], "lr must be a finite number"),
+    ("lr: -1\n", ["lstm"], "lr must be >= 0"),
+    ("decoder: 5\n", ["lstm"], "decoder must be a mapping"),
+    ("feature_as_input: 1.5\n", ["lstm"], "feature_as_input must be true or false"),
+    ("attention: additive\n", ["lstm"], "--attention does not apply to lstm (in"),
+    ("resume: true\n", ["lstm"], "unknown setting(s) resume"),
+    ("schedule: linear\n", ["lstm"], "schedule must be one of cosine, step, none"),
     ("epochs: 1\n", ["lstm", "--attention", "additive"], "--attention does not apply to lstm"),
     ("epochs: 1\n", [], "missing MODEL"),
     ("epochs: [\n", ["lstm"], "not valid YAML"),
+    ("latin-1", ["lstm"], "not UTF-8 text"),
 ])
 def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, message):
     from click.testing import CliRunner
@@ -478,6 +499,8 @@ def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, mes
     data, cache = synth
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text(text)
+    if text == "latin-1":
+        cfg_file.write_bytes(b"\xff\xfeepochs: 1\n")
     result = CliRunner().invoke(main, ["train", *args, "--config", str(cfg_file), "--data", str(data),
                                        "--features", str(cache), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
@@ -501,3 +524,57 @@ def test_transformer_captions_new_images_with_maps_of_the_grid(tmp_path, synth):
         assert res.error is None and res.words
         assert res.attention.shape == (len(res.words), *captioner.spatial_shape)
         assert np.allclose(res.attention.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+
+def test_resume_applies_the_settings_that_may_change_and_refuses_the_others(tmp_path, synth):
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    data, cache = synth
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--features", str(cache), "--out", str(run), "--quiet", "--batch-size", "16",
+              "--hidden-dim", "16", "--embed-dim", "8", "--checkpoint-every", "0"]
+    first = CliRunner().invoke(main, ["train", "lstm", *common, "--epochs", "1", "--scst-epochs", "0"])
+    assert first.exit_code == 0, first.output
+    for extra, message in [(["--lr", "0.5"], "lr 0.001 (asked 0.5)"), (["--hidden-dim", "32"], "hidden_dim 16"),
+                           (["--no-feature-as-input", "--batch-size", "8"], "batch_size 16 (asked 8)")]:
+        args = ["train", "lstm", *common, *extra, "--resume"]
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 1 and message in refused.output and refused.output.count("\n") == 1, \
+            refused.output
+    wrong_model = CliRunner().invoke(main, ["train", "rnn", *common, "--resume"])
+    assert wrong_model.exit_code == 1 and "model 'lstm' (asked 'rnn')" in wrong_model.output
+    # not repeating --epochs keeps the stored 1 (nothing left to do); more epochs are applied and logged
+    again = CliRunner().invoke(main, ["train", "lstm", *common, "--resume"])
+    assert again.exit_code == 0 and len(read_metrics(run)) == 1
+    more = CliRunner().invoke(main, ["train", "lstm", *common, "--resume", "--epochs", "2", "--scst-epochs", "1"])
+    assert more.exit_code == 0, more.output
+    assert [r["phase"] for r in read_metrics(run)] == ["cross-entropy", "cross-entropy", "self-critical"]
+    assert json.loads((run / "config.json").read_text())["scst_epochs"] == 1
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path, synth):
+    data, cache = synth
+
+    def second_run(step):
+        if step == 2:
+            with pytest.raises(CaptionsError, match=r"another 'captions train' \(pid \d+\) holds"):
+                train(data, cache, tmp_path / "run", config(model="rnn", **TINY), progress=False)
+
+    train(data, cache, tmp_path / "run", config(model="rnn", **TINY), progress=False, step_callback=second_run)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / ".train.lock.pid").exists()
+
+
+def test_an_output_under_a_file_is_one_line(tmp_path, synth):
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    data, cache = synth
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(main, ["train", "rnn", "--data", str(data), "--features", str(cache),
+                                       "--out", str(tmp_path / "afile" / "run")])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'afile'}"), result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output

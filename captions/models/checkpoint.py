@@ -13,6 +13,7 @@ Version 1 is the only format so far; checkpoints of every earlier release load.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CaptionsError("checkpoint not found", path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False, never safe here
+        reason = ("it holds Python objects that a safe load, weights_only=True, does not run"
+                  if "Unsupported global" in str(e) else "not a file that torch.save wrote")
+        raise CaptionsError(f"not a captions checkpoint ({reason})", path) from None
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e).strip() else "empty or truncated file"
         raise CaptionsError(f"cannot load as a checkpoint ({type(e).__name__}: {detail})", path) from None

@@ -146,8 +146,3 @@ def decoder_config(name: str, settings: dict[str, Any] | None = None, **more: An
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in {**(settings or {}), **more}.items() if k in names}
     return cls(**values)
-
-
-def decoder_setting_names() -> set[str]:
-    """Every setting any registered decoder has."""
-    return {f.name for e in DECODERS.values() for f in dataclasses.fields(e.config)}

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from captions.errors import CaptionsError
-from captions.models.registry import decoder_config, decoder_setting_names
-from captions.options import option_fields, setting
+from captions.models.registry import DECODERS, decoder_config, decoder_entry
+from captions.options import option_fields, setting, validate
 
 
 @dataclass
@@ -31,22 +31,22 @@ class TrainConfig:
     epochs: int = setting(20, "Cross-entropy epochs (the cosine schedule spans them).", min=1)
     batch_size: int = setting(128, "Most captions per batch; a batch holds whole images (all their captions).",
                               min=1)
-    lr: float = setting(1e-3, "Adam learning rate (peak).")
+    lr: float = setting(1e-3, "Adam learning rate (peak).", min=0)
     loss: str = setting("sum", "sum: summed over time, averaged over the batch (classic); mean: per token.",
                         choices=("sum", "mean"))
     label_smoothing: float = setting(0.1, "Label smoothing of the training loss (val loss is reported without it).",
                                      min=0, max=0.5)
-    grad_clip: float = setting(5.0, "Max gradient norm (0: off).")
+    grad_clip: float = setting(5.0, "Max gradient norm (0: off).", min=0)
     schedule: str = setting("cosine", "Learning-rate schedule of the cross-entropy epochs: cosine decays to 5 %, "
                                       "step halves at 50 % and 75 %.", choices=("cosine", "step", "none"))
-    weight_decay: float = setting(0.0, "Adam weight decay.")
+    weight_decay: float = setting(0.0, "Adam weight decay.", min=0)
     ema: float = setting(0.0, "Evaluate and ship an exponential moving average of the weights with this decay per "
                               "step (0: off).", min=0, max=0.999999)
     patience: int = setting(5, "Early stopping: epochs without a better val CIDEr.", min=1)
     scst_epochs: int = setting(8, "Self-critical epochs after the cross-entropy ones: sample captions, reward them "
                                   "with their CIDEr-D against the image's references (baseline: the image's other "
                                   "samples).", min=0)
-    scst_lr: float = setting(5e-5, "Learning rate of the self-critical epochs (constant).")
+    scst_lr: float = setting(5e-5, "Learning rate of the self-critical epochs (constant).", min=0)
     scst_start: str = setting("loss", "The cross-entropy epoch self-critical training starts from. loss: the lowest "
                                       "val loss (kept as scst_start.pt); cider: the best greedy val CIDEr (best.pt).",
                               choices=("loss", "cider"))
@@ -56,25 +56,33 @@ class TrainConfig:
     precision: str = setting("auto", "Decoder autocast. auto: bf16 on CUDA and on CPUs with native bf16 (about 2x "
                                      "faster), else fp32. Weights, optimizer and loss stay fp32.",
                              choices=("auto", "fp32", "bf16"))
-    ram_budget_gb: float = setting(4.0, "Keep features in RAM when they fit, else stream them from the HDF5 cache.")
+    ram_budget_gb: float = setting(4.0, "Keep features in RAM when they fit, else stream them from the HDF5 cache.",
+                                    min=0)
     checkpoint_every: int = setting(500, "Also save last.pt every N steps (0: only at epoch ends).", min=0)
     eval_batch_size: int = setting(256, "Images decoded at once in the val evaluation after each epoch.", min=1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """A config from a mapping: training settings, ``model``, ``decoder`` and/or the decoder's
-        settings at the top level. ``strict``: an unknown name raises ``CaptionsError`` (config
-        files); otherwise it is ignored (checkpoints of other versions)."""
+        settings at the top level (only those of ``model``'s decoder are kept from the top level: an
+        older checkpoint stored every decoder's there). Other names are ignored (checkpoints of
+        other versions)."""
         names = {f.name for f in fields(cls)}
-        own = {k: v for k, v in d.items() if k in names and k != "decoder"}
-        dec_names = decoder_setting_names()
-        flat = {k: v for k, v in d.items() if k in dec_names and k not in names}
-        unknown = sorted(set(d) - names - dec_names)
-        if strict and unknown:
-            raise CaptionsError(f"unknown setting(s): {', '.join(unknown)}")
-        cfg = cls(**own)
-        cfg.decoder = {**flat, **dict(d.get("decoder") or {})}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and k != "decoder"})
+        own = {f.name for f in option_fields(DECODERS[cfg.model].config)} if cfg.model in DECODERS else set()
+        cfg.decoder = {**{k: v for k, v in d.items() if k in own and k not in names}, **dict(d.get("decoder") or {})}
         return cfg
+
+    def validate(self) -> None:
+        """Refuse a setting out of its type, bounds or choices, an unknown model, or a decoder
+        setting that ``model``'s decoder does not have. Raises ``CaptionsError`` naming it."""
+        entry = decoder_entry(self.model)
+        own = {f.name for f in option_fields(entry.config)}
+        foreign = sorted(set(self.decoder) - own)
+        if foreign:
+            raise CaptionsError(f"{', '.join(foreign)}: not a setting of the {self.model} decoder")
+        validate(self, "training setting")
+        validate(decoder_config(self.model, self.decoder), f"{self.model} setting")
 
     def decoder_settings(self) -> dict[str, Any]:
         """Every option setting of ``model``'s decoder: the defaults updated with ``decoder``."""

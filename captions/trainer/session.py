@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -30,11 +31,40 @@ from captions.trainer.state import TrainState
 log = logging.getLogger("captions")
 
 
-def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig,
-                 resume: bool) -> tuple[dict[str, Any] | None, TrainConfig]:
-    """The checkpoint to continue from (None: a new run) and the config to run with: on resume the
-    stored one, with this call's ``epochs`` and ``device``. Raises ``CaptionsError`` when ``out``
-    holds a run and ``resume`` is off, or the run was trained on another dataset or other features."""
+# settings a resumed run may change (logged); the others would make it another run
+CHANGEABLE_ON_RESUME = ("epochs", "scst_epochs", "scst_lr", "scst_samples", "patience", "device", "precision",
+                        "ram_budget_gb", "checkpoint_every", "eval_batch_size")
+
+
+def _setting(cfg: TrainConfig, name: str) -> Any:
+    if name == "model":
+        return cfg.model
+    return getattr(cfg, name) if name in cfg.__dataclass_fields__ else cfg.decoder_settings().get(name)
+
+
+def resumed_config(stored: TrainConfig, cfg: TrainConfig, given: Collection[str] | None, last: Path) -> TrainConfig:
+    """The config a resumed run continues with: the stored one, with the ``given`` settings of
+    ``cfg`` (all of them when None) that may change on resume (``CHANGEABLE_ON_RESUME``), each
+    change logged. Raises ``CaptionsError`` naming the given settings that differ and may not."""
+    names = set(given) if given is not None else (
+        {"model", *stored.__dataclass_fields__, *cfg.decoder_settings()} - {"decoder"})
+    changed = sorted(n for n in names if _setting(cfg, n) != _setting(stored, n))
+    fixed = [n for n in changed if n not in CHANGEABLE_ON_RESUME]
+    if fixed:
+        what = "; ".join(f"{n} {_setting(stored, n)!r} (asked {_setting(cfg, n)!r})" for n in fixed)
+        raise CaptionsError(f"--resume continues the stored run, whose settings these would change: {what}; "
+                            f"start a new run in another --out instead", last)
+    out = TrainConfig.from_dict({**asdict(stored), **{n: getattr(cfg, n) for n in changed}})
+    for n in changed:
+        log.info("resume: %s %r -> %r", n, _setting(stored, n), _setting(cfg, n))
+    return out
+
+
+def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig, resume: bool,
+                 given: Collection[str] | None = None) -> tuple[dict[str, Any] | None, TrainConfig]:
+    """The checkpoint to continue from (None: a new run) and the config to run with (on resume,
+    ``resumed_config``). Raises ``CaptionsError`` when ``out`` holds a run and ``resume`` is off,
+    or the run was trained on another dataset or other features, or a setting may not change."""
     last = out / "last.pt"
     if not resume:
         if last.exists():
@@ -54,8 +84,8 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         cache.spec, FeatureSpec.DECODER_KEYS, what=f"the run was trained on other features than {cache.path}",
         path=last)
     # settings a run from an older version lacks take the behaviour it was started with
-    old = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
-    return ckpt, TrainConfig.from_dict({**asdict(old), "epochs": cfg.epochs, "device": cfg.device})
+    stored = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
+    return ckpt, resumed_config(stored, cfg, given, last)
 
 
 class TrainingRun:
@@ -89,13 +119,16 @@ class TrainingRun:
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike,
-             cfg: TrainConfig, resume: bool) -> tuple[TrainingRun | None, dict[str, Any]]:
-        """(the run, None) to train, or (None, the result) when a resumed run had already stopped early."""
+             cfg: TrainConfig, resume: bool, given: Collection[str] | None = None
+             ) -> tuple[TrainingRun | None, dict[str, Any]]:
+        """(the run, None) to train, or (None, the result) when a resumed run had already stopped early.
+        ``given``: the settings of ``cfg`` the user gave (see ``resumed_config``)."""
+        cfg.validate()
         out, ds = Path(out_dir), load_prepared(data_dir)
         cache = FeatureCache(features)
         cache.check_dataset(ds.dataset_hash, what=str(data_dir))
         try:
-            ckpt, cfg = resume_point(out, ds, cache, cfg, resume)
+            ckpt, cfg = resume_point(out, ds, cache, cfg, resume, given)
         except BaseException:
             cache.close()
             raise

@@ -11,18 +11,21 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from captions.distributed import average_gradients, leave
+from captions.errors import CaptionsError
 from captions.runtime import retained_heap
 from captions.trainer.config import TrainConfig
 from captions.trainer.control import StopFlag, TrainingInterrupted
@@ -66,23 +69,60 @@ class EpochDecision:
 
 def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike,
           cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
-          step_callback: Callable[[int], None] | None = None) -> dict[str, Any]:
+          step_callback: Callable[[int], None] | None = None, given: Collection[str] | None = None
+          ) -> dict[str, Any]:
     """Train ``cfg.model`` on the train split, evaluating on val after each epoch.
 
     Writes ``out_dir/last.pt`` (every ``checkpoint_every`` steps and each epoch), ``best.pt``
     (best val CIDEr), ``scst_start.pt`` (lowest val loss, when self-critical training starts from
     it), ``metrics.jsonl`` and ``config.json`` (the resolved settings). ``resume`` continues from
-    ``last.pt`` exactly where it stopped. Returns {"best": {...}, "epochs_run": n, "out": path}.
+    ``last.pt`` exactly where it stopped; ``given`` names the settings of ``cfg`` the caller chose
+    (None: all of them): on resume those that may change are applied (``resumed_config``), and
+    one that may not is refused. Returns {"best": {...}, "epochs_run": n, "out": path}.
     Under torchrun (WORLD_SIZE > 1) it joins the process group, creating it if none exists yet;
     one it created is destroyed when training finishes.
 
     Raises ``CaptionsError`` for unusable inputs (another dataset, other features, a run already
-    in ``out_dir`` without ``resume``) and ``TrainingInterrupted`` after Ctrl-C (checkpoint saved).
+    in ``out_dir`` without ``resume``, another run writing ``out_dir`` now) and
+    ``TrainingInterrupted`` after Ctrl-C (checkpoint saved).
     """
-    run, finished = TrainingRun.open(data_dir, features, out_dir, cfg or TrainConfig(), resume)
-    if run is None:
-        return finished
-    run.out.mkdir(parents=True, exist_ok=True)
+    with run_lock(Path(out_dir)):
+        run, finished = TrainingRun.open(data_dir, features, out_dir, cfg or TrainConfig(), resume, given)
+        if run is None:
+            return finished
+        return run_training(run, progress, step_callback)
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.train.lock`` (the ``filelock`` library: an OS file lock, released even when the
+    process is killed) for the whole run, on rank 0; a second run into ``out`` is refused in one
+    line naming the holder's pid. A run directory this call created and left empty is removed."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(out / ".train.lock"), out / ".train.lock.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = holder.read_text().strip() if holder.exists() else "?"
+        raise CaptionsError(f"another 'captions train' (pid {pid}) holds {out / '.train.lock'}: wait for it or "
+                            f"choose another --out", out) from None
+    holder.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+        if created and not any(p.name != ".train.lock" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def run_training(run: TrainingRun, progress: bool = True,
+                 step_callback: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The epochs of an opened run, then its clean-up; returns ``run.result()``."""
     if run.dist.is_main:
         (run.out / "config.json").write_text(json.dumps(run.cfg.resolved(), indent=2) + "\n", encoding="utf-8")
     writer = tensorboard_writer(run.out) if run.dist.is_main else None
@@ -113,7 +153,8 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
     bar = tqdm(total=len(batches), initial=state.step_in_epoch, unit="batch",
                disable=not progress or not run.dist.is_main,
                desc=f"epoch {state.epoch + 1}/{run.total_epochs}{' self-critical' if scst else ''}")
-    stats, t0 = EpochStats(), time.perf_counter()
+    stats = EpochStats(**state.epoch_progress) if state.step_in_epoch else EpochStats()
+    t0, before = time.perf_counter(), stats.seconds
     for k in range(state.step_in_epoch, len(batches)):
         if run.store.block_images is not None and k + 1 < len(batches):
             run.store.prefetch(int(run.ds.image_ids[batches[k + 1][0]]) // run.store.block_images)
@@ -121,12 +162,14 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
         stats.running_loss = value if stats.running_loss is None else 0.98 * stats.running_loss + 0.02 * value
         bar.update(1)
         bar.set_postfix(loss=f"{stats.running_loss:.3f}",
-                        caps_s=f"{stats.captions * run.dist.world / (time.perf_counter() - t0):.0f}",
+                        caps_s=f"{stats.captions * run.dist.world / (before + time.perf_counter() - t0):.0f}",
                         **({"reward": f"{np.mean(stats.rewards[-20:]):.3f}"} if scst else {}))
         if step_callback is not None:
             step_callback(int(run.scheduler.last_epoch))
         if flag.stop or (run.cfg.checkpoint_every and (k + 1) % run.cfg.checkpoint_every == 0):
             state.step_in_epoch = k + 1
+            stats.seconds = before + time.perf_counter() - t0
+            state.epoch_progress = asdict(stats)
             if run.dist.is_main:
                 run.save("last.pt")
             if flag.stop:
@@ -134,7 +177,8 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
                 raise TrainingInterrupted(f"interrupted at epoch {state.epoch + 1}, step {k + 1}; saved "
                                           f"{run.out / 'last.pt'}; continue with --resume")
     bar.close()
-    stats.seconds = time.perf_counter() - t0
+    stats.seconds = before + time.perf_counter() - t0
+    state.epoch_progress = {}
     return stats
 
 
