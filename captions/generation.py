@@ -18,12 +18,14 @@ size. ``decode`` and ``caption_images`` are the entry points of evaluation and c
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from captions.errors import CaptionsError
 from captions.models.base import CaptionDecoder, State, select_state
 from captions.pipeline.vocab import END_ID, NULL_ID, START_ID, UNK_ID, decode_captions
 
@@ -305,8 +307,15 @@ def decode(model: CaptionDecoder, feats: torch.Tensor, max_length: int, beam_siz
     """Greedy decoding for ``beam_size`` 1, beam search otherwise (same outputs as ``beam_search``).
 
     feats (N, C) or (N, P, C) -> tokens (N, max_length), scores (N,), maps (N, steps, P) or None;
-    ``rules``: what may be generated (default ``Rules()``).
+    ``rules``: what may be generated (default ``Rules()``). Raises ``CaptionsError`` for a minimum
+    length no caption can have within ``max_length`` steps, or a length penalty that is not a
+    finite number.
     """
+    if rules is not None and rules.min_length >= max_length:
+        raise CaptionsError(f"--min-length {rules.min_length} leaves no room for <END>: captions of this "
+                            f"checkpoint have at most {max_length - 1} words")
+    if not math.isfinite(length_penalty):
+        raise CaptionsError(f"--length-penalty must be a finite number, got {length_penalty}")
     if beam_size == 1:
         return greedy_decode(model, feats, max_length, rules)
     return beam_search(model, feats, max_length, beam_size, length_penalty, rules)

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from benchmarks.serve_load import png_header_only
 from captions import metrics
 from captions.attention_maps import grid_size, tile_box
 from captions.captioner import Captioner
@@ -168,6 +169,17 @@ def test_captioner_attention_maps(run, captioner):
         np.testing.assert_allclose(res.attention.sum(axis=(1, 2)), 1.0, rtol=1e-4)
     missing = captioner.caption([run["root"] / "missing.jpg"])[0]
     assert missing.error is not None and "image file not found" in missing.error
+
+
+def test_captioner_refuses_a_huge_png_by_max_pixels_not_by_pils_limit(captioner, tmp_path, monkeypatch):
+    """``captions caption huge.png``: the documented refusal, not PIL's decompression-bomb message."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # PIL's default, as in a fresh process
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(30000, 30000))  # 110 kB declaring 900 million pixels
+    error = captioner.caption([huge])[0].error
+    assert error is not None and "huge.png" in error, error
+    assert "image refused (30000 x 30000 pixels: decoding 900,000,000 pixels exceeds --max-pixels 50,000,000)" \
+        in error and "DecompressionBomb" not in error, error
 
 
 def test_captioner_reruns_the_same_backbone(run, captioner):

@@ -15,9 +15,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from benchmarks.serve_load import png_header_only
 from captions.cli import main
+from captions.data.splits import hash_split
 from captions.pipeline.prepare import PrepareOptions, prepare
 from captions.pipeline.prepared import load_prepared
+from captions.pipeline.resize import ImageRefused, load_rgb
 from tests.conftest import write_image
 
 OPTS = PrepareOptions(min_count=1, image_size=16)
@@ -94,6 +97,22 @@ def test_coco_structural_faults_are_one_line_naming_entry_and_key(tmp_path, imag
     r = run_cli("prepare", "coco", write_coco(tmp_path, doc), "--out", tmp_path / "out", "--images", images)
     one_error_line(r, "captions_train2017.json", *fragments)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_coco_two_ids_with_one_file_name_and_an_image_without_annotations(tmp_path, images):
+    doc = copy.deepcopy(COCO)
+    doc["images"].append({"id": 5, "file_name": "1.jpg"})  # another id for 1.jpg, with captions of its own
+    doc["annotations"] += [{"image_id": 5, "caption": f"a different picture {k}"} for k in range(3)]
+    doc["images"].append({"id": 6, "file_name": "9.jpg"})  # no annotation at all
+    m = prepare("coco", [write_coco(tmp_path, doc)], tmp_path / "out", images=images, options=OPTS)
+    assert m["counts"]["train"] == {"images": 3, "captions": 6}  # 1.jpg keeps the first id's captions only
+    assert m["skipped"] == [
+        {"image": "1.jpg", "reason": "image id 5 (images[3]) has the file_name of image id 1 (images[1]); "
+                                     "its 3 caption(s) dropped"},
+        {"image": "9.jpg", "reason": "no caption"}]
+    assert m["skipped_count"] == 2 and m["captions_dropped"] == {"image skipped": 3}
+    adds_up(m)
+    assert load_prepared(tmp_path / "out").images[1]["captions"] == ["A dog number 1 runs 0.", "A dog number 1 runs 1."]
 
 
 # ------------------------------------------------------------------------------------------------ Karpathy
@@ -176,6 +195,86 @@ def test_csv_from_a_spreadsheet_with_bom_blank_lines_and_a_nameless_row(tmp_path
                    "line 2 has 3 fields, the header 2")
 
 
+# ----------------------------------------------------------------------------- one image in two splits
+def two_split_sources(fmt, folder):
+    """Sources of each reader naming 0.jpg (2 captions) in train and again in val (1 caption, except
+    for Flickr8k, whose captions are not per split); 1.jpg in train, 2.jpg in val."""
+    if fmt == "coco":
+        files = []
+        for split, names in (("train", ["0.jpg", "1.jpg"]), ("val", ["2.jpg", "0.jpg"])):
+            doc = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                   "annotations": [{"image_id": i, "caption": f"a {split} dog {k}"}
+                                   for i in range(2) for k in range(2 if (split, i) != ("val", 1) else 1)]}
+            files.append(write_coco(folder, doc, f"captions_{split}2017.json"))
+        return files
+    if fmt == "karpathy":
+        doc = {"images": [{"filename": n, "split": sp, "sentences": ["a dog"] * k}
+                          for n, sp, k in (("0.jpg", "train", 2), ("1.jpg", "train", 2), ("2.jpg", "val", 2),
+                                           ("0.jpg", "val", 1))]}
+        (folder / "dataset_x.json").write_text(json.dumps(doc))
+        return [folder / "dataset_x.json"]
+    if fmt == "csv":
+        rows = ["0.jpg,a dog,train", "1.jpg,a cat,train", "0.jpg,a dog again,train", "2.jpg,a bird,val",
+                "1.jpg,a cat again,train", "2.jpg,a bird again,val", "0.jpg,a dog in val,val"]
+        (folder / "captions.csv").write_text("image,caption,split\n" + "\n".join(rows) + "\n")
+        return [folder / "captions.csv"]
+    token = write_flickr(folder)
+    (folder / "Flickr_8k.devImages.txt").write_text("2.jpg\n0.jpg\n")  # 0.jpg is in the train list too
+    return [token]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "karpathy", "csv", "flickr8k"])
+def test_an_image_named_in_two_splits_is_kept_in_the_first_and_skipped_in_the_other(tmp_path, images, fmt):
+    m = prepare(fmt, two_split_sources(fmt, tmp_path), tmp_path / "out", images=images, options=OPTS)
+    assert m["skipped"] == [{"image": "0.jpg", "reason": "named again in split 'val' (first in 'train')"}]
+    assert m["counts"]["train"] == {"images": 2, "captions": 4} and m["counts"]["val"] == {"images": 1, "captions": 2}
+    assert m["captions_dropped"] == ({} if fmt == "flickr8k" else {"image skipped": 1})  # Flickr8k: none per split
+    adds_up(m)
+    assert {im["name"]: im["split"] for im in load_prepared(tmp_path / "out").images} == {
+        "0.jpg": "train", "1.jpg": "train", "2.jpg": "val"}
+
+
+def test_kaggle_captions_and_split_lists_naming_an_image_twice(tmp_path, images):
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(f"{i}.jpg,a dog {i}\n" for i in range(3)))
+    write_flickr(tmp_path)
+    (tmp_path / "Flickr_8k.testImages.txt").write_text("1.jpg\n")
+    m = prepare("flickr8k", [tmp_path / "captions.txt"], tmp_path / "out", images=images, options=OPTS)
+    assert m["skipped"] == [{"image": "1.jpg", "reason": "named again in split 'test' (first in 'train')"}]
+    assert m["counts"]["train"]["images"] == 2 and m["counts"]["test"]["images"] == 0
+
+
+def test_csv_blank_split_cell_means_hash_split_and_an_unknown_split_lists_the_names(tmp_path, images):
+    src = tmp_path / "captions.csv"
+    src.write_text("image,caption,split\n0.jpg,a dog,train\n1.jpg,a cat,\n2.jpg,a bird\n")  # blank, short
+    m = prepare("csv", [src], tmp_path / "out", images=images,
+                options=PrepareOptions(min_count=1, image_size=16, val_fraction=0.0, test_fraction=0.0))
+    assert m["counts"]["train"] == {"images": 3, "captions": 3} and m["skipped"] == []
+    splits = {im["name"]: im["split"] for im in load_prepared(tmp_path / "out").images}
+    assert splits == {"0.jpg": "train", "1.jpg": "train", "2.jpg": "train"}  # hash split with 0 val, 0 test
+    src.write_text("image,caption,split\n0.jpg,a dog,train\n1.jpg,a cat,Training\n")
+    line = one_error_line(run_cli("prepare", "csv", src, "--out", tmp_path / "o2"), "captions.csv",
+                          "line 3: unknown split 'Training' (accepted: train, restval (= train), val, dev (= val), "
+                          "valid (= val), test")
+    assert "(" + "'train'" not in line
+
+
+def test_no_training_image_says_why(tmp_path, images):
+    name = next(f"{i}.jpg" for i in range(100) if hash_split(f"{i}.jpg") != "train")  # deterministic
+    write_image(images / name, size=(20, 20))
+    src = tmp_path / "captions.txt"  # Kaggle Flickr8k: no split column, no lists: the hash split
+    src.write_text(f"image,caption\n{name},a dog runs\n")
+    line = one_error_line(run_cli("prepare", "flickr8k", src, "--out", tmp_path / "out", "--images", images),
+                          "captions.txt", f"no usable training images: all 1 usable image(s) are in "
+                          f"{hash_split(name)} (1), by the hash split of their names (--val-fraction 0.05, "
+                          "--test-fraction 0.05)")
+    assert "skipped" not in line and "see the messages above" not in line
+    src.write_text("image,caption,split\n0.jpg,a dog,val\n1.jpg,a cat,test\n5.jpg,a bird,train\n")
+    line = one_error_line(run_cli("prepare", "csv", src, "--out", tmp_path / "o2", "--images", images),
+                          "no usable training images: all 2 usable image(s) are in val (1) and test (1); "
+                          "1 image(s) skipped (see the messages above)")
+    assert "hash" not in line
+
+
 # --------------------------------------------------------------------------------- captions without words
 def test_captions_without_words_are_dropped_and_counted(tmp_path, images):
     rows = ["0.jpg,a red dog,train", "0.jpg,!!!,train", "0.jpg,😀 😀,train", "1.jpg,a cat,train",
@@ -236,6 +335,22 @@ def test_a_huge_thin_png_costs_nothing_and_large_jpegs_decode_reduced(tmp_path, 
     ds = load_prepared(tmp_path / "out")
     centre = next(i for i, im in enumerate(ds.images) if im["name"] == "wide.png")
     assert np.asarray(Image.open(ds.image_path(centre))).min() > 230  # the crop is the centre square only
+
+
+
+def test_max_pixels_alone_decides_not_pils_own_limit(tmp_path, images, monkeypatch):
+    """PIL refuses images over twice its ``MAX_IMAGE_PIXELS`` (about 179 million pixels by default)
+    at open, with its own message; the package's ``--max-pixels`` must decide in both directions."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's limit far below --max-pixels (here 400 > 2 x 100)
+    src = tmp_path / "captions.csv"
+    src.write_text("image,caption,split\n0.jpg,a dog,train\n1.jpg,a cat,train\n")
+    m = prepare("csv", [src], tmp_path / "out", images=images, workers=1, options=OPTS)
+    assert m["skipped"] == [] and m["counts"]["train"]["images"] == 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # PIL's default, below this PNG's pixels
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(30000, 30000))  # 110 kB
+    with pytest.raises(ImageRefused, match="decoding 900,000,000 pixels exceeds --max-pixels 50,000,000"):
+        load_rgb(huge)
 
 
 # ------------------------------------------------------------------------------------------- synthetic

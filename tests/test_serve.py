@@ -83,6 +83,7 @@ def server(model):
 
 
 BOUNDARY = "x0x0x0"
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
 TEXT_FIELD = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="beam_size"\r\n\r\n3\r\n'
               f"--{BOUNDARY}--\r\n").encode()
 
@@ -139,21 +140,35 @@ def test_attention_maps_model_health_docs_and_page(model, server):
     html = resp.read().decode()
     assert resp.status == 200 and "default-src 'self'" in resp.getheader("Content-Security-Policy")
     assert 'src="static/app.js"' in html and "http://" not in html and "https://" not in html
+    page.request("HEAD", "/")  # uptime checks and link checkers
+    resp = page.getresponse()
+    assert resp.status == 200 and resp.read() == b"" and resp.getheader("Content-Type").startswith("text/html")
 
 
 def test_every_error_class_then_a_good_request(model, server):
     client = Client(server["url"])
     good = model["images"][0].read_bytes()
     cases = [(b.kind, b.body, b.content_type, b.status) for b in bad_uploads(good, 20_000_000, 50_000_000)]
+    ico = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(ico, "ICO")
     cases += [("raw text body", b"hello", "text/plain", 415),
               ("JSON body", b"{}", "application/json", 415),
               ("no file", *multipart([]), 400),
-              ("a text field", TEXT_FIELD, f"multipart/form-data; boundary={BOUNDARY}", 422)]
+              ("a text field", TEXT_FIELD, f"multipart/form-data; boundary={BOUNDARY}", 422),
+              ("raw SVG body", SVG, "image/svg+xml", 415),
+              ("SVG file", *multipart([("logo.svg", SVG, "image/svg+xml")]), 415),
+              ("ICO file", *multipart([("favicon.ico", ico.getvalue(), "image/x-icon")]), 415),
+              ("more files than --queue", *multipart([jpeg(model["images"][0])] * 17), 413)]
+    needles = {"raw SVG body": "image 0 is declared image/svg+xml, an image format not accepted",
+               "SVG file": "image 0 (logo.svg) is declared image/svg+xml",
+               "ICO file": "image 0 (favicon.ico) is an image in ICO format; accepted: JPEG, PNG",
+               "more files than --queue": "more than 16 images in one request (--queue 16)"}
     for kind, body, ctype, want in cases:
         status, answer = client.request("POST", "/v1/captions", body, {"Content-Type": ctype})
         assert status == want, (kind, answer)
         detail = answer["detail"]
         assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+        assert needles.get(kind, "") in detail, (kind, detail)
         status, ok = client.post_images([jpeg(model["images"][1])])  # the server answers the next good request
         assert status == 200 and ok["results"][0]["caption"] == model["expected"][1], kind
     for query, needle in (("?beam_size=0", "beam_size"), ("?beam_size=x", "beam_size"),

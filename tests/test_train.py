@@ -64,19 +64,20 @@ def test_every_decoder_learns_and_writes_its_run(tmp_path, synth, model, extra):
     assert best["features"]["backbone"] == "resnet18"
 
 
-def test_bf16_training_follows_fp32(tmp_path, synth):
+@pytest.mark.parametrize("model", ["attn", "transformer"])
+def test_bf16_training_follows_fp32(tmp_path, synth, model):
     """--precision bf16 (the CPU default where the CPU has native bf16) learns as fp32 does."""
     data, cache = synth
     losses = {}
     for precision in ("fp32", "bf16"):
-        train(data, cache, tmp_path / precision, config(model="attn", precision=precision, **TINY),
+        train(data, cache, tmp_path / precision, config(model=model, precision=precision, **TINY),
               progress=False)
         losses[precision] = [r["val_loss"] for r in read_metrics(tmp_path / precision)]
         assert load_checkpoint(tmp_path / precision / "last.pt")["train_config"]["precision"] == precision
     assert losses["bf16"][-1] < losses["bf16"][0]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     assert losses["bf16"] != losses["fp32"]  # it did run in another precision
-    with pytest.raises(CaptionsError, match="unknown training precision 'fp16'"):
+    with pytest.raises(CaptionsError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         train(data, cache, tmp_path / "x", config(model="attn", precision="fp16", **TINY), progress=False)
 
 
@@ -339,12 +340,15 @@ def test_resume_refuses_checkpoint_with_other_vocabulary(tmp_path, synth):
         train(data, cache, run, config(model="rnn", **TINY), resume=True, progress=False)
 
 
-def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth):
+@pytest.mark.parametrize("model,sizes", [("lstm", ["--embed-dim", "16", "--hidden-dim", "32"]),
+                                         ("transformer", ["--d-model", "32", "--heads", "4", "--ffn-dim", "64",
+                                                          "--layers", "1", "--tie-embeddings"])])
+def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth, model, sizes):
     data, cache = synth
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "captions",
-           "train", "lstm", "--data", str(data), "--features", str(cache), "--out", str(run), "--epochs", "2",
-           "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32", "--scst-epochs", "1", "--quiet"]
+           "train", model, "--data", str(data), "--features", str(cache), "--out", str(run), "--epochs", "2",
+           "--batch-size", "8", *sizes, "--scst-epochs", "1", "--quiet"]
     r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -352,8 +356,8 @@ def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth):
     assert [x["epoch"] for x in rows] == [1, 2, 3]  # only rank 0 writes
     assert rows[2]["phase"] == "self-critical"  # its gradients are reduced by hand (sampling bypasses DDP)
     assert rows[1]["train_loss"] < rows[0]["train_loss"] * 1.5
-    assert load_checkpoint(run / "best.pt")["model"] == "lstm"
-    assert r.stdout.count("trained lstm") == 1
+    assert load_checkpoint(run / "best.pt")["model"] == model
+    assert r.stdout.count(f"trained {model}") == 1
 
 
 def test_self_critical_epochs_follow_the_cross_entropy_ones_and_resume(tmp_path, synth):
@@ -552,6 +556,9 @@ def test_resume_applies_the_settings_that_may_change_and_refuses_the_others(tmp_
     assert more.exit_code == 0, more.output
     assert [r["phase"] for r in read_metrics(run)] == ["cross-entropy", "cross-entropy", "self-critical"]
     assert json.loads((run / "config.json").read_text())["scst_epochs"] == 1
+    # once self-critical training has begun, more cross-entropy epochs would interleave the phases
+    mixed = CliRunner().invoke(main, ["train", "lstm", *common, "--resume", "--epochs", "3", "--scst-epochs", "2"])
+    assert mixed.exit_code == 1 and "once self-critical training has begun" in mixed.output
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path, synth):

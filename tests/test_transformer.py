@@ -88,6 +88,14 @@ def test_strategies_share_the_step_loop():
     assert torch.equal(g.tokens, b.tokens[:, : g.tokens.shape[1]])
 
 
-def test_d_model_must_split_into_heads():
-    with pytest.raises(ValueError, match="multiple of heads"):
+def test_d_model_must_split_into_heads(tmp_path):
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    with pytest.raises(ValueError, match="--heads 4 does not divide --d-model 30"):
         build_decoder("transformer", vocab_size=9, feature_dim=6, d_model=30, heads=4)
+    # refused with the other settings, before any data is read
+    result = CliRunner().invoke(main, ["train", "transformer", "--data", str(tmp_path), "--features",
+                                       str(tmp_path / "f.h5"), "--out", str(tmp_path / "run"), "--heads", "3"])
+    assert result.exit_code == 1 and result.output == "Error: --heads 3 does not divide --d-model 256\n"

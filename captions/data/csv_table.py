@@ -7,7 +7,7 @@ import io
 import logging
 from pathlib import Path
 
-from captions.data.records import SPLITS, Records, merge_records
+from captions.data.records import Records, merge_records
 from captions.data.splits import hash_split
 from captions.errors import CaptionsError
 from captions.fsutil import read_text
@@ -15,6 +15,7 @@ from captions.fsutil import read_text
 log = logging.getLogger("captions")
 
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val", "test": "test"}
+ACCEPTED_SPLITS = ", ".join(k if k == v else f"{k} (= {v})" for k, v in SPLIT_ALIASES.items())
 NO_IMAGE_NAME = "row without an image name"
 
 
@@ -55,21 +56,23 @@ def parse_csv_table(text: str, path: Path, images: Path, val_fraction: float = 0
     if missing:
         raise CaptionsError(f"CSV lacks column(s) {', '.join(missing)} (has: {', '.join(header) or 'none'})", path)
     col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
-    out, nameless = [], 0
+    out, nameless, hashed = [], 0, False
     for line, fields in rows:
         name = fields[col["image"]].strip()
         if not name:
             nameless += 1
             continue
-        if "split" in col:
-            raw = fields[col["split"]].strip().lower()
-            if raw not in SPLIT_ALIASES:
-                raise CaptionsError(f"line {line}: unknown split {raw!r} (expected one of {SPLITS})", path)
-            split = SPLIT_ALIASES[raw]
+        given = fields[col["split"]].strip() if "split" in col else ""
+        if not given:  # no split column, or a blank cell: no split given
+            split, hashed = hash_split(name, val_fraction, test_fraction), True
+        elif given.lower() in SPLIT_ALIASES:
+            split = SPLIT_ALIASES[given.lower()]
         else:
-            split = hash_split(name, val_fraction, test_fraction)
+            raise CaptionsError(f"line {line}: unknown split '{given}' (accepted: {ACCEPTED_SPLITS}; "
+                                f"a blank cell means a hash split)", path)
         out.append((name, images / name, split, fields[col["caption"]]))
     records = merge_records(out)
+    records.hash_split = hashed
     if nameless:
         log.warning("%s: %d row(s) without an image name; dropped", path, nameless)
         records.dropped[NO_IMAGE_NAME] += nameless
@@ -81,11 +84,13 @@ def read_csv_table(path: Path, images: Path | None, val_fraction: float = 0.05, 
     """Read a CSV with columns ``image`` and ``caption`` (and optionally ``split``).
 
     Images are at ``<images>/<image>`` (default: ``<csv dir>/images`` if it exists, else the csv's
-    folder). Without a split column the split is a stable hash of the image name. The text is
-    read as ``encoding`` (a UTF-8 byte-order mark skipped); blank lines are skipped; rows without
-    an image name are dropped and counted. Raises ``CaptionsError`` naming the file (and line) for
-    a missing file or column, a byte not valid in ``encoding``, a row with too many fields or an
-    unknown split.
+    folder). Without a split column, or where a row's split cell is blank (or missing: a short
+    row), the split is a stable hash of the image name. An image named in rows of two splits gives
+    a record per split (``merge_records``; ``prepare`` skips the later ones). The text is read as
+    ``encoding`` (a UTF-8 byte-order mark skipped); blank lines are skipped; rows without an image
+    name are dropped and counted. Raises ``CaptionsError`` naming the file (and line) for a missing
+    file or column, a byte not valid in ``encoding``, a row with too many fields or an unknown
+    split (the message lists the accepted names).
     """
     text = read_text(path, encoding)
     if images is None:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from captions.data.csv_table import parse_csv_table
-from captions.data.records import Records, merge_records
+from captions.data.records import ImageRecord, Records, merge_records
 from captions.errors import CaptionsError
 from captions.fsutil import read_text
 
@@ -29,8 +29,9 @@ def default_image_dir(source: Path) -> Path:
     return source.parent / IMAGE_DIR_NAMES[0]
 
 
-def read_split_lists(folder: Path, given: list[Path], encoding: str = "utf-8") -> dict[str, str] | None:
-    """Map image name -> split from the official list files (given explicitly or found in ``folder``).
+def read_split_lists(folder: Path, given: list[Path], encoding: str = "utf-8") -> dict[str, list[str]] | None:
+    """Map image name -> the splits whose official list file names it (given explicitly or found
+    in ``folder``), in the order train, val, test; usually one.
 
     Returns None when no list file is found at all. Lists are read as ``encoding`` (a UTF-8
     byte-order mark skipped); blank lines are skipped.
@@ -38,14 +39,31 @@ def read_split_lists(folder: Path, given: list[Path], encoding: str = "utf-8") -
     files = {split: next((p for p in given if p.name == fname), folder / fname) for split, fname in SPLIT_LISTS.items()}
     if not any(p.exists() for p in files.values()):
         return None
-    split_of: dict[str, str] = {}
+    splits_of: dict[str, list[str]] = {}
     for split, path in files.items():
         if not path.exists():
             raise CaptionsError(f"split list missing (the other Flickr8k lists are present: {folder})", path)
-        for line in read_text(path, encoding).split("\n"):  # not splitlines(): U+0085 and U+2028 are text
-            if line.strip():
-                split_of[line.strip()] = split
-    return split_of
+        names = (line.strip() for line in read_text(path, encoding).split("\n"))  # not splitlines(): U+0085
+        for name in dict.fromkeys(n for n in names if n):  # and U+2028 are text; a repeat in one list is harmless
+            splits_of.setdefault(name, []).append(split)
+    return splits_of
+
+
+def assign_splits(records: Records, splits_of: dict[str, list[str]]) -> Records:
+    """Give each record the split of the first list naming it (``""`` when none does). An image
+    named in further lists gets an empty record for each, after it: ``prepare`` skips and reports
+    those ("named again in split 'val' (first in 'train')") and keeps the first, as for every reader."""
+    out = Records(dropped=records.dropped)  # the lists decide: no split is a hash split any more
+    out.skipped = records.skipped
+    seen: set[str] = set()
+    for r in records:
+        first, *again = splits_of.get(r.name) or [""]
+        r.split = first
+        out.append(r)
+        if r.name not in seen:
+            seen.add(r.name)
+            out.extend(ImageRecord(r.name, r.path, split) for split in again)
+    return out
 
 
 def parse_token_file(text: str, path: Path) -> list[tuple[str, str]]:
@@ -91,7 +109,8 @@ def read_flickr8k(
 ) -> Records:
     """Read Flickr8k captions. The first source is the token file or Kaggle ``captions.txt``; the
     official split lists are taken from further sources or found beside it. Images not in any
-    list get split ``""`` (``prepare`` reports them as skipped). Every text is read as
+    list get split ``""``, and an image in two lists a second, empty record (``assign_splits``):
+    ``prepare`` reports and skips both kinds. Every text is read as
     ``encoding`` with a UTF-8 byte-order mark skipped; a byte not valid in it, or a malformed
     line, is a ``CaptionsError`` naming the file and line."""
     main, extra = sources[0], sources[1:]
@@ -99,16 +118,13 @@ def read_flickr8k(
     text = read_text(main, encoding)
     if is_token_file(text):
         pairs = parse_token_file(text, main)
-        split_of = read_split_lists(main.parent, extra, encoding)
-        if split_of is None:
+        splits_of = read_split_lists(main.parent, extra, encoding)
+        if splits_of is None:
             raise CaptionsError(
                 "no Flickr_8k.{train,dev,test}Images.txt split lists beside it; pass them as extra SOURCEs", main
             )
-        return merge_records([(n, image_dir / n, split_of.get(n, ""), c) for n, c in pairs])
+        return assign_splits(merge_records([(n, image_dir / n, "", c) for n, c in pairs]), splits_of)
     # Kaggle layout: CSV with image,caption and no split column -> hash split (or official lists if present).
     records = parse_csv_table(text, main, image_dir, val_fraction, test_fraction)
-    split_of = read_split_lists(main.parent, extra, encoding)
-    if split_of is not None:
-        for r in records:
-            r.split = split_of.get(r.name, "")
-    return records
+    splits_of = read_split_lists(main.parent, extra, encoding)
+    return records if splits_of is None else assign_splits(records, splits_of)

@@ -11,6 +11,7 @@ from typing import Any
 from captions.errors import CaptionsError
 
 SPLITS = ("train", "val", "test")
+DROP_IMAGE_SKIPPED = "image skipped"  # the drop reason of the captions of a skipped image
 _REQUIRED = object()
 
 
@@ -30,18 +31,34 @@ class ImageRecord:
 
 
 class Records(list):
-    """The ``ImageRecord`` list a reader returns, with ``dropped``: how many captions it read but
-    could attach to no image, by reason (``{"annotation names an image id not in 'images'": 3}``), so that
-    ``prepare`` can account for every caption of the sources."""
+    """The ``ImageRecord`` list a reader returns, with what ``prepare`` needs to account for every
+    caption of the sources and to explain its outcome:
+
+    * ``dropped``: how many captions it read but could attach to no image, by reason
+      (``{"annotation names an image id not in 'images'": 3}``);
+    * ``skipped``: images the reader itself refused (``[{"image": name, "reason": ...}]``, e.g. a
+      second COCO image id with the same ``file_name``), their captions counted in ``dropped``;
+    * ``hash_split``: whether any image's split came from ``hash_split`` (no split given).
+    """
 
     def __init__(self, records: Iterable[ImageRecord] = (), dropped: dict[str, int] | None = None) -> None:
         super().__init__(records)
         self.dropped: Counter[str] = Counter(dropped or {})
+        self.skipped: list[dict[str, str]] = []
+        self.hash_split = False
+
+    def skip(self, name: str, reason: str, captions: int) -> None:
+        """Refuse image ``name`` for ``reason``; its ``captions`` count as dropped with it."""
+        self.skipped.append({"image": name, "reason": reason})
+        if captions:
+            self.dropped[DROP_IMAGE_SKIPPED] += captions
 
     def extend_from(self, other: list[ImageRecord]) -> None:
-        """Append ``other``'s records and add its dropped counts (a reader of several sources)."""
+        """Append ``other``'s records, its dropped counts and skipped images (a reader of several sources)."""
         self.extend(other)
         self.dropped.update(getattr(other, "dropped", {}))
+        self.skipped.extend(getattr(other, "skipped", []))
+        self.hash_split = self.hash_split or getattr(other, "hash_split", False)
 
 
 def type_name(value: object) -> str:
@@ -79,12 +96,14 @@ def entry_field(entry: dict, key: str, kinds: tuple[type, ...], label: str, sour
 def merge_records(rows: list[tuple[str, Path, str, str]]) -> Records:
     """Group ``(name, path, split, caption)`` rows into records, keeping first-seen order.
 
-    The first row of an image fixes its path and split.
+    Rows of one image and one split make one record (its first row fixes the path). An image
+    named in rows of two splits gives one record per split: ``prepare`` keeps the first split's
+    and skips the others as "named again in split ..." (as for every reader), never merging them.
     """
-    by_name: dict[str, ImageRecord] = {}
+    by_key: dict[tuple[str, str], ImageRecord] = {}
     for name, path, split, caption in rows:
-        rec = by_name.get(name)
+        rec = by_key.get((name, split))
         if rec is None:
-            rec = by_name[name] = ImageRecord(name=name, path=path, split=split)
+            rec = by_key[name, split] = ImageRecord(name=name, path=path, split=split)
         rec.captions.append(caption)
-    return Records(by_name.values())
+    return Records(by_key.values())

@@ -29,6 +29,9 @@ class DecoderConfig:
     # the fields that give the word embedding's size and the size of what the output layer reads
     dims: ClassVar[tuple[str, str]] = ("embed_dim", "hidden_dim")
 
+    def check(self) -> None:
+        """Raise ``ValueError`` for settings that cannot go together (each alone is checked by its bounds)."""
+
     @property
     def input_dim(self) -> int:
         """Size of the word embeddings."""
@@ -91,10 +94,14 @@ class TransformerConfig(DecoderConfig):
     positions: str = setting("sinusoidal", "Word position encodings.",
                              choices=("sinusoidal", "learned"))
     tie_embeddings: bool = setting(False, "Share the word embedding with the output layer.")
-    warmup_steps: int = setting(400, "Steps of linear learning-rate warm-up before the "
-                                     "schedule (--schedule) decays it.", min=0)
+    warmup_steps: int = setting(400, "Steps of linear learning-rate warm-up before the schedule (--schedule) "
+                                     "decays it; at most a quarter of the cross-entropy steps.", min=0)
     max_positions: int = internal(128)  # longest caption (words + <START>/<END>) the positions cover
     dims: ClassVar[tuple[str, str]] = ("d_model", "d_model")
+
+    def check(self) -> None:
+        if self.d_model % self.heads:
+            raise ValueError(f"--heads {self.heads} does not divide --d-model {self.d_model}")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ generated word.
 
 Generation keeps, per block, the keys and values of the words so far (``k{l}``/``v{l}``) and of
 the memory (``mk{l}``/``mv{l}``, one row per image: ``image_keys``), so a step costs one word, not
-a re-run of the prefix. ``use_kv_cache = False`` re-runs the prefix instead (the reference the
-cache is tested and timed against).
+a re-run of the prefix. ``use_kv_cache = False`` (set before ``init_state``) keeps neither: each
+step projects the memory's keys and values again and re-runs the whole prefix, as a decoder without
+a cache does (``use_cache=False`` in Hugging Face's); the cache is tested and timed against it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class DecoderBlock(nn.Module):
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (M, P, d) -> this block's cross-attention keys and values, each (M, heads, P, dh)."""
         k, v = self.kv(memory).chunk(2, dim=-1)
-        return _heads(k, self.heads), _heads(v, self.heads)
+        # contiguous once here: attention would otherwise copy them at every generation step
+        return _heads(k, self.heads).contiguous(), _heads(v, self.heads).contiguous()
 
     def forward(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None, need_weights: bool = False
@@ -112,9 +114,8 @@ class TransformerDecoder(CaptionDecoder):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__(cfg)
+        cfg.check()  # ValueError when the heads do not divide d_model
         d = cfg.d_model
-        if d % cfg.heads:
-            raise ValueError(f"d_model ({d}) must be a multiple of heads ({cfg.heads})")
         nn.init.normal_(self.embed.weight, std=d ** -0.5)  # scaled by sqrt(d) on the way in
         with torch.no_grad():
             self.embed.weight[NULL_ID].zero_()
@@ -134,7 +135,7 @@ class TransformerDecoder(CaptionDecoder):
         else:
             self.register_buffer("position_table", sinusoid_table(cfg.max_positions, d), persistent=False)
         self.use_kv_cache = True
-        self.image_keys = tuple(f"m{kv}{i}" for i in range(cfg.layers) for kv in "kv")
+        self.image_keys = (*(f"m{kv}{i}" for i in range(cfg.layers) for kv in "kv"), "memory")
 
     @property
     def warmup_steps(self) -> int:
@@ -193,15 +194,21 @@ class TransformerDecoder(CaptionDecoder):
         memory = self.encode(feats)
         N, h = feats.shape[0], self.cfg.heads
         dh = self.cfg.d_model // h
+        if not self.use_kv_cache:
+            state["memory"] = memory
         for i, block in enumerate(self.blocks):
-            state[f"mk{i}"], state[f"mv{i}"] = block.memory_kv(memory)
+            if self.use_kv_cache:
+                state[f"mk{i}"], state[f"mv{i}"] = block.memory_kv(memory)
             state[f"k{i}"] = state[f"v{i}"] = memory.new_zeros(N, h, 0, dh)
         state["prefix"] = torch.zeros(N, 0, dtype=torch.long, device=feats.device)
         return state
 
     def step(self, tokens: torch.Tensor, state: State):
         """tokens (B,) -> logits (B, V), the new state, the word's attention map (B, P)."""
-        memory_kv = [(state[f"mk{i}"], state[f"mv{i}"]) for i in range(len(self.blocks))]
+        if self.use_kv_cache:
+            memory_kv = [(state[f"mk{i}"], state[f"mv{i}"]) for i in range(len(self.blocks))]
+        else:
+            memory_kv = [b.memory_kv(state["memory"]) for b in self.blocks]
         new = dict(state)
         prefix = torch.cat([state["prefix"], tokens.unsqueeze(1)], dim=1)
         new["prefix"] = prefix

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from captions.data import FORMATS, ImageRecord, read_coco, read_csv_table, read_flickr8k, read_karpathy
-from captions.data.records import SPLITS, Records
+from captions.data.records import DROP_IMAGE_SKIPPED, SPLITS, Records
 from captions.errors import CaptionsError
 from captions.fsutil import atomic_path, sha256_file, sha256_json, text_codec, write_json_atomic
 from captions.pipeline.prepared import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
@@ -26,7 +26,7 @@ from captions.pipeline.vocab import Vocabulary
 log = logging.getLogger("captions")
 
 
-DROP_EMPTY, DROP_NO_WORDS, DROP_IMAGE_SKIPPED = "empty", "no words", "image skipped"
+DROP_EMPTY, DROP_NO_WORDS = "empty", "no words"  # and DROP_IMAGE_SKIPPED (records.py)
 SOURCES_INDEX = "image_sources.json"  # each resized image's source file identity (the re-run check)
 
 
@@ -81,12 +81,15 @@ def _words(captions: list[str], tokenize: Tokenizer, dropped: Counter[str]) -> t
 def clean_records(records: list[ImageRecord], tokenize: Tokenizer) -> Cleaned:
     """Tokenize every caption and keep what can be used.
 
-    Empty captions and captions without a word are dropped; images in no split, without a caption
-    left, or named again in another split are skipped; an image named again in its own split gets
-    the captions of both. Every caption read is either kept or counted in ``dropped`` (also the
-    reader's own ``Records.dropped``).
+    Empty captions and captions without a word are dropped; images in no split, without any
+    caption ("no caption"), without a caption left ("no caption with a word"), or named again in
+    another split (the first split's record is kept) are skipped; an image named again in its own
+    split gets the captions of both. This is the one place these rules live, so every reader gets
+    them: a reader only has to keep an image's records of different splits apart. Every caption
+    read is either kept or counted in ``dropped`` (which starts from the reader's own
+    ``Records.dropped``; its ``Records.skipped`` images come first in ``skipped``).
     """
-    out = Cleaned(dropped=Counter(getattr(records, "dropped", {})))
+    out = Cleaned(skipped=list(getattr(records, "skipped", [])), dropped=Counter(getattr(records, "dropped", {})))
     kept_at: dict[str, int] = {}
     split_of: dict[str, str] = {}
     for r in records:
@@ -101,7 +104,7 @@ def clean_records(records: list[ImageRecord], tokenize: Tokenizer) -> Cleaned:
             out.records[i].captions.extend(caps)
             out.tokens[i].extend(toks)
         elif not caps:
-            out.skip(r.name, "no caption with a word", 0)
+            out.skip(r.name, "no caption with a word" if r.captions else "no caption", 0)
         else:
             kept_at[r.name] = len(out.records)
             out.records.append(ImageRecord(r.name, r.path, r.split, caps))
@@ -179,9 +182,24 @@ def _usable_records(job: _Job, tokenize: Tokenizer, workers: int, progress: bool
     if len(skipped) > 20:
         log.warning("... and %d more skipped images (all listed in %s)", len(skipped) - 20, job.out / MANIFEST)
     if not any(r.split == "train" for r in usable.records):
-        raise CaptionsError(f"no usable training images ({len(skipped)} skipped; see the messages above)",
-                            job.sources[0])
+        raise CaptionsError(no_training_images(usable, records.hash_split, job.opts), job.sources[0])
     return usable, read
+
+
+def no_training_images(usable: Cleaned, hash_split: bool, opts: PrepareOptions) -> str:
+    """Why no training image is left, in one line: where the usable images are (and whether the
+    hash split put them there), and how many were skipped (those are listed in the log above)."""
+    where = Counter(r.split for r in usable.records)
+    parts = []
+    if usable.records:
+        splits = " and ".join(f"{s} ({where[s]})" for s in SPLITS if where[s])
+        parts.append(f"all {len(usable.records)} usable image(s) are in {splits}")
+        if hash_split:
+            parts[-1] += (f", by the hash split of their names (--val-fraction {opts.val_fraction:g}, "
+                          f"--test-fraction {opts.test_fraction:g}): add images, or lower those fractions")
+    if usable.skipped:
+        parts.append(f"{len(usable.skipped)} image(s) skipped (see the messages above)")
+    return "no usable training images: " + "; ".join(parts)
 
 
 def stale_sources(out: Path) -> list[str]:

@@ -6,9 +6,9 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps
 
@@ -34,7 +34,19 @@ def check_shape(width: int, height: int, max_pixels: int, decoded: tuple[int, in
                            f"{max_pixels:,}")
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None,
+def open_image(file: str | os.PathLike | IO[bytes], formats: Sequence[str] | None = None) -> Image.Image:
+    """``Image.open`` (the header only; nothing is decoded) for code that bounds the pixels itself.
+
+    PIL's own decompression-bomb limit (a fixed ~179 million pixels, and a warning above half
+    that) is switched off: ``--max-pixels`` decides, through ``check_shape``, before ``load_rgb``
+    decodes anything; a fixed limit below it would refuse first, with PIL's message, and one above
+    it would never matter. This is the one place the package changes that setting of PIL.
+    """
+    Image.MAX_IMAGE_PIXELS = None  # process-wide; every decode in the package goes through load_rgb
+    return Image.open(file, formats=formats)
+
+
+def load_rgb(path: str | os.PathLike | IO[bytes], draft_size: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open any image PIL reads and return it as RGB with its EXIF orientation applied.
 
@@ -47,11 +59,7 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None,
     white (a transparent background is white when people look at it, not black).
     Raises ``OSError``/``ValueError`` (from PIL) for unreadable or truncated files.
     """
-    with warnings.catch_warnings():
-        # PIL warns about large images at open; the size is bounded here, with the user's setting
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        opened = Image.open(path)
-    with opened as im:
+    with open_image(path) as im:  # PIL's fixed limit off: the check below, with --max-pixels, decides
         header = im.size
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
@@ -107,7 +115,7 @@ def source_identity(src: str | os.PathLike) -> str | None:
 def _finished(dst: str, size: int, identity: str | None) -> bool:
     """True when ``dst`` is a resized copy of the right size made from the source ``identity``."""
     try:
-        with Image.open(dst) as done:
+        with open_image(dst) as done:
             comment = done.info.get("comment", b"")
             return done.size == (size, size) and identity is not None and comment == identity.encode()
     except OSError:

@@ -54,8 +54,9 @@ MAX_BEAM = 20
 DRAIN_FACTOR = 4  # too-large bodies up to 4 x --max-upload-mb are read (and dropped) before the 413
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "not an image, empty, truncated or malformed"},
-    413: {"model": ErrorResponse, "description": "body larger than --max-upload-mb, or an image over --max-pixels "
-                                                 "or with an aspect ratio over 20:1"},
+    413: {"model": ErrorResponse, "description": "body larger than --max-upload-mb, more images in one request "
+                                                 "than --queue, or an image over --max-pixels or with an "
+                                                 "aspect ratio over 20:1"},
     415: {"model": ErrorResponse, "description": "not an image type (declared), or an image format not accepted"},
     422: {"model": ErrorResponse, "description": "bad parameters"},
     503: {"model": ErrorResponse, "description": "queue full (--queue): retry after the Retry-After seconds"},
@@ -181,7 +182,8 @@ async def drain(request: Request, declared: int, limit: int) -> None:
 async def read_uploads(request: Request, limit: int, max_files: int) -> list[Upload]:
     """The request's images: every file part of a multipart body, or the whole body as one image.
 
-    Raises ``ApiError``: 413 (body over ``limit`` bytes, more than ``max_files`` files), 415 (a
+    Raises ``ApiError``: 413 (body over ``limit`` bytes, more than ``max_files`` files: the
+    ``--queue``, so such a request could never be admitted, however long it waited), 415 (a
     body type that is not an image), 400 (malformed multipart, no file), 422 (a text field).
     """
     declared = declared_length(request.headers.get("content-length"))
@@ -196,11 +198,13 @@ async def read_uploads(request: Request, limit: int, max_files: int) -> list[Upl
     try:
         form = await MultiPartParser(request.headers, body, max_files=max_files, max_fields=0).parse()
     except MultiPartException as e:
-        status = 413 if "Too many files" in e.message else 422 if "Too many fields" in e.message else 400
-        if status == 422:
+        if "Too many files" in e.message:  # more images than can ever be admitted at once: not retryable
+            raise ApiError(413, f"more than {max_files} images in one request (--queue {max_files}); send them "
+                                "in several requests", headers={"Connection": "close"}) from None
+        if "Too many fields" in e.message:
             raise ApiError(422, "multipart text fields are not read: parameters go in the query string "
                                 "(?beam_size=3&attention=true)") from None
-        raise ApiError(status, f"multipart body: {e.message}") from None
+        raise ApiError(400, f"multipart body: {e.message}") from None
     uploads = [Upload(v.filename, v.content_type or "", v.file) for _, v in form.multi_items()
                if isinstance(v, UploadFile)]
     if not uploads:
@@ -293,9 +297,9 @@ def create_app(captioner: Captioner, options: ServeOptions, checkpoint: str = ""
                 "batches": b.batches, "images": b.items}
         return JSONResponse(body, 200 if b.alive else 503)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        """The web page (its script and style under /static/)."""
+        """The web page (its script and style under /static/); HEAD answers its headers only."""
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -24,14 +24,12 @@ def serve(checkpoint: str | os.PathLike, options: ServeOptions, weights: str | o
     and returns. Raises ``CaptionsError`` when the checkpoint cannot be loaded.
     """
     import uvicorn
-    from PIL import Image
 
     from captions.captioner import Captioner
     from captions.serve.app import create_app
 
-    # every image is decoded by load_rgb after its header passed --max-pixels (check_shape), which
-    # says so with the limit; PIL's own fixed bomb limit would refuse first, with its own message
-    Image.MAX_IMAGE_PIXELS = None
+    # images are opened by captions.pipeline.resize.open_image (PIL's fixed limit off) and decoded by
+    # load_rgb once their header passed --max-pixels (check_shape)
     t0 = time.perf_counter()
     captioner = Captioner.from_checkpoint(checkpoint, device=options.device, weights=weights)
     app = create_app(captioner, options, checkpoint=str(checkpoint))

@@ -17,11 +17,15 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
-from captions.pipeline.resize import ImageRefused
+from captions.pipeline.resize import ImageRefused, open_image
 
 # formats PIL decodes in-process; others (EPS runs Ghostscript, PDF, PSD...) are refused with 415
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phone photos)
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
+# the image/* subtypes (an "x-" prefix dropped) that name an accepted format; any other declared
+# image type is refused with 415 when the content is not one of the accepted formats either
+ACCEPTED_SUBTYPES = frozenset({"jpeg", "jpg", "pjpeg", "mpo", "png", "apng", "webp", "gif", "bmp", "ms-bmp", "tiff",
+                               "tif"})
 SPOOL_BYTES = 1 << 20  # bodies up to 1 MB stay in memory, larger ones go to a temporary file
 
 
@@ -85,21 +89,35 @@ def check_type(content_type: str, what: str) -> None:
         raise ApiError(415, f"{what} is {kind}, not an image; send JPEG, PNG, WebP, GIF, BMP or TIFF")
 
 
-def _refuse_unreadable(fp: IO[bytes], what: str, error: Exception | None) -> ApiError:
-    """Why PIL could not open ``fp`` among the accepted formats: another image format (415), or
-    not an image at all (400)."""
+def unaccepted_image_type(content_type: str) -> str | None:
+    """The declared type when it is an image type of a format not accepted (``image/svg+xml``,
+    ``image/x-icon``, ``image/heic``...), else None."""
+    kind = content_type.split(";")[0].strip().lower()
+    if not kind.startswith("image/"):
+        return None
+    sub = kind.removeprefix("image/")
+    return None if sub.removeprefix("x-") in ACCEPTED_SUBTYPES else kind
+
+
+def _refuse_unreadable(fp: IO[bytes], what: str, error: Exception | None, content_type: str = "") -> ApiError:
+    """Why PIL could not open ``fp`` among the accepted formats: another image format, found in
+    the content or declared by ``content_type`` (415), or not an image at all (400)."""
     fp.seek(0)
     head = fp.read(16)
     if head[4:8] == b"ftyp":  # ISO media: HEIC/AVIF photos, which PIL does not decode without plugins
         return ApiError(415, f"{what} is a HEIC/AVIF (ISO media) file; send JPEG, PNG, WebP, GIF, BMP or TIFF")
     fp.seek(0)
     try:
-        with Image.open(fp) as other:  # header only: nothing of another format is decoded
+        with open_image(fp) as other:  # header only: nothing of another format is decoded
             fmt = other.format
     except Exception:  # any failure here means "not an image"
         fmt = None
     if fmt:
-        return ApiError(415, f"{what} is a {fmt} image; accepted: {', '.join(ACCEPTED_FORMATS)}")
+        return ApiError(415, f"{what} is an image in {fmt} format; accepted: {', '.join(ACCEPTED_FORMATS)}")
+    declared = unaccepted_image_type(content_type)
+    if declared:  # SVG (text, which PIL does not read), and formats PIL has no plugin for
+        return ApiError(415, f"{what} is declared {declared}, an image format not accepted; send JPEG, PNG, "
+                             "WebP, GIF, BMP or TIFF")
     if error is None:
         return ApiError(400, f"{what} is not an image (no {', '.join(ACCEPTED_FORMATS)} header)")
     return ApiError(400, f"{what} cannot be read as an image ({type(error).__name__}: {_first_line(error)})")
@@ -114,9 +132,11 @@ def read_image(upload: Upload, load: Callable[[IO[bytes]], Image.Image], what: s
     """An upload -> RGB PIL image through ``load`` (``Captioner.load_file``: the same decoding as
     ``captions caption``'s, with its pixel and aspect-ratio checks made from the header).
 
-    Raises ``ApiError``: 415 for a declared non-image type or an image format not accepted, 400
-    for an empty, unreadable or truncated file, 413 for too many pixels or an aspect ratio no photo
-    has (``ImageRefused``: nothing was decoded).
+    Raises ``ApiError``: 415 for a declared non-image type or an image format not accepted
+    (identified from the content, or declared as ``image/svg+xml``... when the content is no
+    accepted format), 400 for an empty, unreadable or truncated file, 413 for too many pixels or
+    an aspect ratio no photo has (``ImageRefused``: nothing was decoded). PIL's own fixed pixel
+    limit plays no part (``open_image``): ``--max-pixels`` decides.
     """
     check_type(upload.content_type, what)
     fp = upload.file
@@ -126,20 +146,16 @@ def read_image(upload: Upload, load: Callable[[IO[bytes]], Image.Image], what: s
     fp.seek(0)
     Image.init()  # registers every plugin: open(formats=...) only knows the ones loaded so far
     try:  # identify only (the header): other formats never reach a decoder
-        with Image.open(fp, formats=ACCEPTED_FORMATS):  # leaving the block keeps fp open (close() would not)
+        with open_image(fp, formats=ACCEPTED_FORMATS):  # leaving the block keeps fp open (close() would not)
             pass
-    except Image.DecompressionBombError as e:  # PIL's own limit, set to at least --max-pixels
-        raise ApiError(413, f"{what} has too many pixels ({_first_line(e)})") from None
     except UnidentifiedImageError:
-        raise _refuse_unreadable(fp, what, None) from None
+        raise _refuse_unreadable(fp, what, None, upload.content_type) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's other ways of saying "not this"
-        raise _refuse_unreadable(fp, what, e) from None
+        raise _refuse_unreadable(fp, what, e, upload.content_type) from None
     fp.seek(0)
     try:
         return load(fp)
     except ImageRefused as e:
         raise ApiError(413, f"{what} refused: {e}") from None
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"{what} has too many pixels ({_first_line(e)})") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise ApiError(400, f"{what} cannot be decoded ({type(e).__name__}: {_first_line(e)})") from None

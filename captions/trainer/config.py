@@ -82,7 +82,12 @@ class TrainConfig:
         if foreign:
             raise CaptionsError(f"{', '.join(foreign)}: not a setting of the {self.model} decoder")
         validate(self, "training setting")
-        validate(decoder_config(self.model, self.decoder), f"{self.model} setting")
+        dcfg = decoder_config(self.model, self.decoder)
+        validate(dcfg, f"{self.model} setting")
+        try:
+            dcfg.check()
+        except ValueError as e:
+            raise CaptionsError(str(e)) from None
 
     def decoder_settings(self) -> dict[str, Any]:
         """Every option setting of ``model``'s decoder: the defaults updated with ``decoder``."""

@@ -70,7 +70,7 @@ class CrossEntropy:
     def lr_factor(self, step: int) -> float:
         """The schedule's factor, times the decoder's linear warm-up over its first steps."""
         cfg = self.run.cfg
-        return lr_factor(cfg.schedule, step, self.run.total_steps) * warmup_factor(step, self.run.core.warmup_steps)
+        return lr_factor(cfg.schedule, step, self.run.total_steps) * warmup_factor(step, self.run.warmup_steps)
 
     def begin(self) -> None:
         """Nothing to set up: the run starts in this phase."""

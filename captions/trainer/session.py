@@ -85,7 +85,14 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         path=last)
     # settings a run from an older version lacks take the behaviour it was started with
     stored = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
-    return ckpt, resumed_config(stored, cfg, given, last)
+    resumed = resumed_config(stored, cfg, given, last)
+    if resumed.epochs != stored.epochs:
+        if ckpt.get("scst_from") is not None:
+            raise CaptionsError(f"--epochs cannot change once self-critical training has begun (the "
+                                f"cross-entropy phase had {stored.epochs}); more epochs come with --scst-epochs", last)
+        if resumed.epochs < ckpt["epoch"]:
+            raise CaptionsError(f"--epochs {resumed.epochs} is fewer than the {ckpt['epoch']} epochs already run", last)
+    return ckpt, resumed
 
 
 class TrainingRun:
@@ -111,6 +118,7 @@ class TrainingRun:
         # batches hold whole images, so their number varies a little from epoch to epoch: the schedule
         # counts on the first epoch's
         self.total_steps = len(self.epoch_batches(0, split=False)) // self.dist.world * cfg.epochs
+        self.warmup_steps = self._warmup(self.core.warmup_steps)
         self.phases = {"cross-entropy": CrossEntropy(self), "self-critical": SelfCritical(self)}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
         self.model: torch.nn.Module = self.core
@@ -161,6 +169,16 @@ class TrainingRun:
         self.val_rows = val_rows[valid[ds.image_ids[val_rows]]]
         if len(self.val_ids) == 0:
             log.warning("no val split: no evaluation, no early stopping, best.pt = last epoch")
+
+    def _warmup(self, asked: int) -> int:
+        """The decoder's learning-rate warm-up, at most a quarter of the cross-entropy steps: a longer
+        one would keep the learning rate near zero for the whole run (said once in the log)."""
+        most = max(1, self.total_steps // 4)
+        if asked > most:
+            log.warning("warm-up of %d steps is longer than a quarter of the %d cross-entropy steps; using %d",
+                        asked, self.total_steps, most)
+            return most
+        return asked
 
     @property
     def total_epochs(self) -> int:
