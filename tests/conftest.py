@@ -42,3 +42,37 @@ def write_image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB",
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def cli(*args: object):
+    """Run the ``captions`` command line in-process (click's runner), arguments as strings."""
+    from click.testing import CliRunner
+
+    from captions.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli_run(root: Path, num_images: str, size: int, model: str, *train_args: object) -> dict:
+    """prepare synthetic -> extract-features (resnet18, random weights, float32) -> train MODEL
+    through the command line, as a user would; asserts each step succeeds."""
+    data, feats, run = root / "data", root / "feats.h5", root / "run"
+    r = cli("prepare", "synthetic", "--out", data, "--num-images", num_images, "--image-size", size, "--min-count", 1,
+            "--workers", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("extract-features", data, "--out", feats, "--backbone", "resnet18", "--weights", "none", "--image-size",
+            size, "--dtype", "float32", "--workers", 0, "--batch-size", 16, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("train", model, "--data", data, "--features", feats, "--out", run, "--device", "cpu", "--scst-epochs", 0,
+            "--quiet", *train_args)
+    assert r.exit_code == 0, r.output
+    return {"root": root, "data": data, "feats": feats, "run": run, "ckpt": run / "best.pt", "train_output": r.output}
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    """METEOR starts a Java process (5-10 s): the fast tests score without it."""
+    from captions import metrics
+
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics, "_warned_java", False)

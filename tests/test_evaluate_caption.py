@@ -9,14 +9,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from benchmarks.serve_load import png_header_only
 from captions import metrics
 from captions.attention_maps import grid_size, tile_box
 from captions.captioner import Captioner
-from captions.cli import main
 from captions.errors import CaptionsError
 from captions.evaluation import evaluate_checkpoint
 from captions.features.cache import FeatureCache
@@ -24,36 +22,16 @@ from captions.fsutil import sha256_file
 from captions.models.checkpoint import load_checkpoint, save_checkpoint
 from captions.pipeline.prepared import load_prepared
 from captions.trainer.train import TrainConfig, train
+from tests.conftest import cli, cli_run
 
 SIZE = 64  # CNN input: resnet18 gives a 2 x 2 feature grid
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def no_java(monkeypatch):
-    """METEOR starts a Java process (5-10 s): the fast tests score without it."""
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    monkeypatch.setattr(metrics, "_warned_java", False)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """prepare -> extract-features -> train (attn) through the CLI, as a user would."""
-    root = tmp_path_factory.mktemp("e2e")
-    data, feats, out = root / "data", root / "feats.h5", root / "run"
-    r = cli("prepare", "synthetic", "--out", data, "--num-images", "24,8,8", "--image-size", SIZE,
-            "--min-count", 1, "--workers", 1, "--quiet")
-    assert r.exit_code == 0, r.output
-    r = cli("extract-features", data, "--out", feats, "--backbone", "resnet18", "--weights", "none",
-            "--image-size", SIZE, "--dtype", "float32", "--workers", 0, "--batch-size", 16, "--quiet")
-    assert r.exit_code == 0, r.output
-    r = cli("train", "attn", "--data", data, "--features", feats, "--out", out, "--epochs", 2, "--batch-size", 32,
-            "--embed-dim", 16, "--hidden-dim", 32, "--lr", 3e-3, "--device", "cpu", "--scst-epochs", 0, "--quiet")
-    assert r.exit_code == 0, r.output
-    return {"root": root, "data": data, "feats": feats, "ckpt": out / "best.pt"}
+    return cli_run(tmp_path_factory.mktemp("e2e"), "24,8,8", SIZE, "attn", "--epochs", 2, "--batch-size", 32,
+                   "--embed-dim", 16, "--hidden-dim", 32, "--lr", 3e-3)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from captions import metrics
 from captions.captioner import Captioner
-from captions.cli import main
 from captions.evaluation import evaluate_checkpoint
 from captions.metrics import per_image_cider, score_captions
 from captions.models.checkpoint import load_checkpoint, save_checkpoint
@@ -26,12 +23,9 @@ from captions.pipeline.vocab import END_ID, UNK_ID
 from captions.trainer.config import TrainConfig
 from captions.trainer.state import TrainState
 from captions.trainer.train import decide
+from tests.conftest import cli, cli_run
 
 SIZE = 64
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def one_error_line(result, *fragments):
@@ -41,28 +35,11 @@ def one_error_line(result, *fragments):
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
-@pytest.fixture
-def no_java(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    monkeypatch.setattr(metrics, "_warned_java", False)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A synthetic set with one val and one test image, its features, and an lstm trained on it."""
-    root = tmp_path_factory.mktemp("one-image-val")
-    data, feats, run = root / "data", root / "feats.h5", root / "run"
-    r = cli("prepare", "synthetic", "--out", data, "--num-images", "16,1,2", "--image-size", SIZE, "--min-count", 1,
-            "--workers", 1, "--quiet")
-    assert r.exit_code == 0, r.output
-    r = cli("extract-features", data, "--out", feats, "--backbone", "resnet18", "--weights", "none", "--image-size",
-            SIZE, "--dtype", "float32", "--workers", 0, "--quiet")
-    assert r.exit_code == 0, r.output
-    r = cli("train", "lstm", "--data", data, "--features", feats, "--out", run, "--epochs", 3, "--patience", 1,
-            "--batch-size", 16, "--embed-dim", 16, "--hidden-dim", 32, "--lr", 1e-2, "--device", "cpu",
-            "--scst-epochs", 0, "--quiet")
-    assert r.exit_code == 0, r.output
-    return {"data": data, "feats": feats, "run": run, "train_output": r.output}
+    return cli_run(tmp_path_factory.mktemp("one-image-val"), "16,1,2", SIZE, "lstm", "--epochs", 3, "--patience", 1,
+                   "--batch-size", 16, "--embed-dim", 16, "--hidden-dim", 32, "--lr", 1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ scorer

@@ -54,7 +54,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CaptionsError("checkpoint not found", path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, KeyError, EOFError) as e:  # torch's message advises weights_only=False
+    except (pickle.UnpicklingError, KeyError, EOFError) as e:  # torch advises turning the safe load off
         reason = ("it holds Python objects that a safe load, weights_only=True, does not run"
                   if "Unsupported global" in str(e) else "not a file that torch.save wrote")
         raise CaptionsError(f"not a captions checkpoint ({reason})", path) from None
