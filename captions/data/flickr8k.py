@@ -91,11 +91,6 @@ def parse_token_file(text: str, path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_token_file(path: Path, encoding: str = "utf-8") -> list[tuple[str, str]]:
-    """``parse_token_file`` of the file at ``path`` read as ``encoding`` (BOM skipped)."""
-    return parse_token_file(read_text(path, encoding), path)
-
-
 def is_token_file(text: str) -> bool:
     """True for the official tab-separated token file (its first non-blank line has a tab, also
     when that line is a header), False for a CSV (Kaggle ``captions.txt``)."""

@@ -188,36 +188,31 @@ class TransformerDecoder(CaptionDecoder):
         return self.out(h), None
 
     def init_state(self, feats: torch.Tensor) -> State:
-        """feats (N, P, C) -> the memory's keys and values per block (N, heads, P, dh), empty word
-        caches, and the position of the next word (N,)."""
-        state: State = {}
+        """feats (N, P, C) -> with the cache, the memory's keys and values per block (N, heads, P, dh)
+        and empty word caches (N, heads, 0, dh), whose length is the position of the next word;
+        without it, the memory (N, P, d) and the words so far (N, 0)."""
         memory = self.encode(feats)
-        N, h = feats.shape[0], self.cfg.heads
-        dh = self.cfg.d_model // h
         if not self.use_kv_cache:
-            state["memory"] = memory
+            return {"memory": memory, "prefix": torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)}
+        state: State = {}
+        empty = memory.new_zeros(feats.shape[0], self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
         for i, block in enumerate(self.blocks):
-            if self.use_kv_cache:
-                state[f"mk{i}"], state[f"mv{i}"] = block.memory_kv(memory)
-            state[f"k{i}"] = state[f"v{i}"] = memory.new_zeros(N, h, 0, dh)
-        state["prefix"] = torch.zeros(N, 0, dtype=torch.long, device=feats.device)
+            state[f"mk{i}"], state[f"mv{i}"] = block.memory_kv(memory)
+            state[f"k{i}"] = state[f"v{i}"] = empty
         return state
 
     def step(self, tokens: torch.Tensor, state: State):
         """tokens (B,) -> logits (B, V), the new state, the word's attention map (B, P)."""
+        new = dict(state)
         if self.use_kv_cache:
             memory_kv = [(state[f"mk{i}"], state[f"mv{i}"]) for i in range(len(self.blocks))]
-        else:
-            memory_kv = [b.memory_kv(state["memory"]) for b in self.blocks]
-        new = dict(state)
-        prefix = torch.cat([state["prefix"], tokens.unsqueeze(1)], dim=1)
-        new["prefix"] = prefix
-        if self.use_kv_cache:
             past = [(state[f"k{i}"], state[f"v{i}"]) for i in range(len(self.blocks))]
-            x = self.embed_words(tokens.unsqueeze(1), start=prefix.shape[1] - 1)
+            x = self.embed_words(tokens.unsqueeze(1), start=past[0][0].shape[2])
             h, kvs, w = self._decode(x, memory_kv, past, need_weights=True)
             for i, (k, v) in enumerate(kvs):
                 new[f"k{i}"], new[f"v{i}"] = k, v
-        else:  # the whole prefix again: the reference for the cache
-            h, _, w = self._decode(self.embed_words(prefix), memory_kv, need_weights=True)
+        else:  # the memory's keys and values and the whole prefix again: the reference for the cache
+            memory_kv = [b.memory_kv(state["memory"]) for b in self.blocks]
+            new["prefix"] = torch.cat([state["prefix"], tokens.unsqueeze(1)], dim=1)
+            h, _, w = self._decode(self.embed_words(new["prefix"]), memory_kv, need_weights=True)
         return self.out(h[:, -1]), new, w[:, -1]
