@@ -138,6 +138,11 @@ def timed_pipeline(prepared: Path, opts: ExtractOptions, out: Path, repeats: int
         logger.propagate = propagate
 
 
+def pooled_of(out) -> torch.Tensor:
+    """A backbone module's pooled vector: its own (ViTs, CLIP), else the mean over the map."""
+    return out[1] if isinstance(out, tuple) else out.float().mean(dim=(2, 3))
+
+
 def raw_forward(bb, batches_u8: list[torch.Tensor], amp_dtype, repeats: int) -> tuple[float, float]:
     """(b): images/s of FeatureForward alone on pre-decoded, pre-normalised batches:
     (one stream with all torch threads, parallel single-thread lanes as the pipeline runs them)."""
@@ -147,7 +152,7 @@ def raw_forward(bb, batches_u8: list[torch.Tensor], amp_dtype, repeats: int) -> 
     lanes, lane_threads = plan_lanes(None, torch.device("cpu"))
 
     def one(i: int) -> None:
-        fwd.forward(xs[i]).float().mean(dim=(2, 3))
+        pooled_of(fwd.forward(xs[i]))
 
     def stream() -> tuple[float]:
         t = time.perf_counter()
@@ -180,8 +185,7 @@ def naive(bb, paths: list[Path], repeats: int) -> float:
     def run() -> tuple[float]:
         t = time.perf_counter()
         for path in paths:
-            fmap = bb.module(tf(Image.open(path).convert("RGB"))[None])
-            fmap.mean(dim=(2, 3)).numpy()
+            pooled_of(bb.module(tf(Image.open(path).convert("RGB"))[None])).numpy()
         return (len(paths) / (time.perf_counter() - t),)
 
     with torch.inference_mode():

@@ -20,16 +20,16 @@ import torch
 from PIL import Image
 
 from captions.errors import CaptionsError
-from captions.features.backbones import Backbone, Preprocessing, build_backbone, spatial_shape_of
+from captions.features.backbones import Backbone, Preprocessing, build_backbone, mean_pooled, spatial_shape_of
 from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import preprocess_image
-from captions.features.spec import FeatureSpec
+from captions.features.spec import FeatureSpec, TokenLayout
 from captions.fsutil import sha256_file
 from captions.generation import Rules, decode
 from captions.models.checkpoint import LoadedDecoder, load_decoder
 from captions.pipeline.resize import ImageRefused, load_rgb, to_rgb
 from captions.pipeline.settings import DEFAULT_MAX_PIXELS
-from captions.pipeline.vocab import caption_words
+from captions.pipeline.vocab import caption_word_pieces
 from captions.runtime import resolve_device, resolve_precision
 
 log = logging.getLogger("captions")
@@ -60,8 +60,8 @@ class CaptionResult:
 def backbone_weights_arg(identity: str, weights: str | os.PathLike | None) -> str:
     """Translate the checkpoint's recorded weight identity into ``build_backbone``'s argument.
 
-    ``random`` -> ``none`` (reproducible random initialisation); ``torchvision:...`` / ``timm:...``
-    -> ``default`` (the library's weights, downloaded or found in its cache); ``sha256:<hex>`` ->
+    ``random`` -> ``none`` (reproducible random initialisation); ``torchvision:...`` / ``timm:...`` /
+    ``open_clip:...`` -> ``default`` (the library's weights, downloaded or found in its cache); ``sha256:<hex>`` ->
     the state_dict file the user passes as ``weights`` (its sha256 must match).
     """
     if identity == "random":
@@ -69,10 +69,11 @@ def backbone_weights_arg(identity: str, weights: str | os.PathLike | None) -> st
             raise CaptionsError("the checkpoint's backbone was randomly initialised (--weights none at extraction); "
                                 "--weights does not apply")
         return "none"
-    if identity.startswith(("torchvision:", "timm:")):
+    if identity.startswith(("torchvision:", "timm:", "open_clip:")):
         if weights is not None:
             raise CaptionsError(f"the checkpoint's features came from the library weights {identity}; they are "
-                                f"loaded by name (put a downloaded copy in the torch/timm cache), not with --weights")
+                                f"loaded by name (put a downloaded copy in the torch/timm/open_clip cache), not "
+                                f"with --weights")
         return "default"
     if identity.startswith("sha256:"):
         if weights is None:
@@ -129,6 +130,8 @@ class Captioner:
         dec = load_decoder(path, dev)
         spec = FeatureSpec.from_dict(dec.checkpoint.get("features") or {}, path=path)
         bb = build_backbone(spec.backbone, backbone_weights_arg(spec.weights, weights), spec.image_size)
+        if TokenLayout.parse(spec.token_layout).pooled == "mean":  # caches from before pooled=model existed
+            bb = mean_pooled(bb)
         recorded = spec.preprocessing  # "none" above is seeded: the same random weights as at extraction
         prep = Preprocessing(resize=int(recorded["resize"]), crop=int(recorded["crop"]),
                              mean=tuple(recorded["mean"]), std=tuple(recorded["std"]),
@@ -139,7 +142,7 @@ class Captioner:
         shape = spatial_shape_of(bb, prep.crop)
         rebuilt = FeatureSpec(backbone=bb.name, weights=bb.weights, image_size=spec.image_size,
                               preprocessing=prep.to_dict(), dtype=spec.dtype, precision=spec.precision,
-                              spatial_shape=shape, channels=bb.channels)
+                              spatial_shape=shape, channels=bb.channels, token_layout=bb.token_layout)
         spec.require_compatible(rebuilt, FeatureSpec.DECODER_KEYS, path=path,
                                 what=f"backbone {spec.backbone} as built now differs from the one the checkpoint's "
                                      f"features came from (checkpoint vs now); use the library version it was "
@@ -233,10 +236,11 @@ class Captioner:
         h, w = self.spatial_shape
         out = []
         for j, row in enumerate(tokens_l):
-            words, steps = caption_words(row, self.decoder.idx_to_token)
+            words, steps = caption_word_pieces(row, self.decoder.idx_to_token)
             res = CaptionResult(source="", caption=" ".join(words), words=words, score=float(scores[j]))
-            if maps_np is not None:
-                res.attention = maps_np[j, steps].reshape(len(steps), h, w).astype(np.float32)
+            if maps_np is not None:  # a word of several subword pieces: the mean of their maps (sums to 1)
+                per_word = [maps_np[j, s].mean(axis=0) for s in steps]
+                res.attention = np.asarray(per_word, dtype=np.float32).reshape(len(steps), h, w)
             out.append(res)
         return out
 

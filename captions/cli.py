@@ -14,7 +14,7 @@ from captions.demo import DemoOptions
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS
 from captions.options import checked_value, click_options, field_default, option_fields, read_config_file
-from captions.pipeline.settings import PrepareOptions
+from captions.pipeline.settings import PrepareOptions, prepare_option_fields
 from captions.serve.settings import ServeOptions
 from captions.trainer.config import TrainConfig
 
@@ -49,6 +49,7 @@ def main(verbose: bool) -> None:
       download          fetch COCO / Flickr8k archives (resumable, checksummed)
       prepare           parse captions, tokenize, build the vocabulary, resize images
       extract-features  run a CNN once and cache its features in HDF5
+      backbones         list the backbones extract-features accepts
       train             fit a caption decoder (MODEL) from the cache
       evaluate, caption score a checkpoint, caption new images
       serve             an HTTP API and web page for a checkpoint (batched, with attention maps)
@@ -64,10 +65,11 @@ def main(verbose: bool) -> None:
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(["coco", "flickr8k", "karpathy", "csv", "synthetic"]))
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Prepared-dataset directory to write (created; resumable).")
+              help="Prepared-dataset directory to write (created; resumable; one prepare at a time writes "
+                   "into it: OUT/.prepare.lock).")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder holding the images [default: depends on FORMAT, see README].")
-@click_options((f, "") for f in option_fields(PrepareOptions))
+@click_options(prepare_option_fields())
 @click.option("--workers", default=-1, show_default=True, type=int, help="Resize processes (-1: all cores).")
 @click.option("--num-images", default="1200,150,150", show_default=True, callback=lambda c, p, v: _image_counts(v),
               help="synthetic only: train,val,test image counts (train at least 1).")
@@ -122,13 +124,18 @@ def _image_counts(value: str) -> tuple[int, int, int]:
 @main.command("extract-features")
 @click.argument("dataset_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backbone", default="regnet_x_400mf", show_default=True,
-              help="regnet_x_400mf, regnet_x_800mf, resnet18/34/50/101/152, or timm/<model> "
-                   "(e.g. timm/tf_efficientnet_lite0).")
+              help="Any torchvision classification model by name (regnet_x_400mf, resnet50, efficientnet_b0, "
+                   "convnext_tiny, swin_t, vit_b_16, ...), timm/<model> (e.g. timm/vit_small_patch14_reg4_dinov2), "
+                   "or a CLIP image tower as open_clip/<model>:<tag> (e.g. open_clip/ViT-B-32:openai); "
+                   "'captions backbones [PATTERN]' lists them.")
 @click.option("--weights", default="default", show_default=True,
-              help="'default' (library's pretrained weights, downloaded), 'none' (random init), or a state_dict PATH.")
+              help="'default' (library's pretrained weights, downloaded), 'none' (random init), or a state_dict PATH "
+                   "(open_clip: a whole CLIP or image-tower state_dict).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cache file [default: DATASET_DIR/features-<backbone>-<size>.h5].")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32), help="Crop fed to the CNN.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32),
+              help="Crop fed to the backbone. Models made for one size (ViTs, Swin, LeViT) are built for it "
+                   "(position embeddings resized), or refused naming the size they need.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(0),
@@ -147,8 +154,10 @@ def extract_features_cmd(dataset_dir, backbone, weights, out, image_size, dtype,
                          compression, chunk_rows, channels_last, precision, quiet) -> None:
     """Run a CNN once over DATASET_DIR (from 'captions prepare') and cache its features in HDF5.
 
-    Stores spatial features (N x h*w x C) for attention and pooled features (N x C), row i = image
-    id i, with the backbone, weights, preprocessing and dataset hash as attributes. Interrupted runs
+    Stores spatial features (N x h*w x C: the feature grid, or a ViT's patch tokens) for attention
+    and pooled features (N x C: the model's own pooled vector, e.g. a ViT's class token or a CLIP
+    image embedding, else the mean), row i = image id i, with the backbone, weights,
+    preprocessing, token layout and dataset hash as attributes. Interrupted runs
     resume; under 'torchrun --nproc_per_node N -m captions extract-features ...' the images are
     split across ranks and merged into one file.
     """
@@ -160,6 +169,38 @@ def extract_features_cmd(dataset_dir, backbone, weights, out, image_size, dtype,
     path = extract_features(dataset_dir, out, opts, progress=not quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         click.echo(f"features: {path}")
+
+
+@main.command("backbones")
+@click.argument("pattern", required=False)
+@click.option("--details/--no-details", default=None,
+              help="Show channels and grid for every match (built on the meta device, ~0.5 s each) "
+                   "[default: only when at most 20 names match].")
+def backbones_cmd(pattern, details) -> None:
+    """List the backbone names extract-features accepts, matching PATTERN.
+
+    PATTERN is a shell glob ('timm/vit_small*', '*dinov2*') or, without * ? [, a case-insensitive
+    substring. Each line: the name, channels, grid at the model's default image size, and where
+    '--weights default' takes its weights from. Without PATTERN: every torchvision classification
+    model, every timm model and every open_clip pretrained (model, tag).
+    """
+    from captions.features.catalog import DETAIL_LIMIT, backbones, format_info
+
+    count = 0
+    for info in backbones(pattern, details):
+        click.echo(format_info(info))
+        count += 1
+    if not count:
+        import difflib
+
+        from captions.features.catalog import all_names
+
+        close = difflib.get_close_matches(pattern, all_names(), n=5, cutoff=0.6)
+        raise CaptionsError(f"no backbone name matches '{pattern}'"
+                            + (f"; close matches: {', '.join(close)}" if close else ""))
+    if details is None and count > DETAIL_LIMIT:
+        click.echo(f"{count} names; channels and grid are shown for {DETAIL_LIMIT} or fewer matches: narrow "
+                   f"PATTERN or add --details", err=True)
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -177,7 +218,8 @@ def extract_features_cmd(dataset_dir, backbone, weights, out, image_size, dtype,
 @click.option("--keep-archives/--delete-archives", default=True, show_default=True,
               help="Keep the downloaded archives in DEST/archives after extracting them.")
 @click.option("--tries", default=6, show_default=True, type=click.IntRange(1),
-              help="Attempts in a row without data before giving up (connection errors, timeouts, 5xx).")
+              help="Attempts in a row that get no further before giving up; bounds every retry (connection "
+                   "errors, timeouts, early disconnects, 5xx, a download that is not yet a whole archive).")
 @click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Seconds before the first retry; doubled each retry (at most 60).")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
@@ -188,7 +230,9 @@ def download(dataset, dest, year, what, mirror, keep_archives, tries, retry_dela
 
     \b
     Resumes interrupted downloads (HTTP Range), retries with backoff, checks sizes and known
-    checksums, extracts safely, and does nothing when DEST is already complete. Prints the
+    checksums (else that the archive is whole) before an archive gets its name, extracts safely
+    (links in an archive are refused, none already in DEST is followed), and does nothing when DEST
+    is already complete. One download at a time writes into DEST (DEST/.download.lock). Prints the
     'captions prepare' command to run next.
     """
     from captions.pipeline.download import download_dataset, plan, prepare_command

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class CaptionsError(Exception):
     """A user-facing problem: bad input, a mismatch between stages, a missing file.
@@ -12,3 +15,26 @@ class CaptionsError(Exception):
     def __init__(self, message: str, path: object | None = None) -> None:
         self.path = path
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class OutputError(CaptionsError):
+    """Writing an output failed (a full disk, a read-only folder, ...): the message names the path
+    and the system's reason."""
+
+
+def os_reason(e: BaseException) -> str:
+    """The system's reason for a failed file operation ("No space left on device", "Read-only
+    file system", ...): the text of its errno, also where HDF5 only quotes it in its message
+    ("errno = 28"); else the first line of the message, else the exception's type."""
+    code = getattr(e, "errno", None)
+    if not code and (m := re.search(r"errno = (\d+)", str(e))):
+        code = int(m.group(1))
+    if code:
+        return os.strerror(code)
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def output_error(path: object, e: BaseException, note: str = "") -> OutputError:
+    """One line for a failed write of ``path``: ``<path>: <system reason>[; note]``."""
+    return OutputError(f"{os_reason(e)}{'; ' + note if note else ''}", path)

@@ -6,6 +6,8 @@ id is the prepared dataset's image id) and the metrics as JSON.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
@@ -15,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, output_error
 from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
-from captions.fsutil import write_json_atomic
+from captions.fsutil import atomic_path, fault_point, folder_lock
 from captions.generation import Rules, caption_images
 from captions.metrics import cider_defined, java_available, score_captions
 from captions.models.checkpoint import load_decoder
@@ -107,19 +109,36 @@ def score_and_write(ds: PreparedDataset, preds: dict[int, str], split: str, out_
     ``out_dir/predictions.json`` (COCO results format) and ``out_dir/metrics.json``.
 
     Returns ``record`` extended with images, metrics, skipped_metrics, undefined_metrics (CIDEr
-    below two images: left out of metrics, never 0) and predictions (its path).
+    below two images: left out of metrics, never 0) and predictions (its path). The two files are
+    written as one (``write_outputs``; ``OutputError`` when they cannot be).
     """
     out_dir = Path(out_dir)
     scores = score_captions(ds.references(split), preds)
     undefined = [] if cider_defined(len(preds)) else ["CIDEr"]
     results = [{"image_id": img, "caption": text, "file_name": ds.images[img]["name"]} for img, text in preds.items()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "predictions.json", results)
     record = {**record, "images": len(preds), "metrics": {k: scores[k] for k in METRIC_ORDER if k in scores},
               "skipped_metrics": [] if java_available() else ["METEOR"], "undefined_metrics": undefined,
               "predictions": str(out_dir / "predictions.json")}
-    write_json_atomic(out_dir / "metrics.json", record)
+    write_outputs(out_dir, {"metrics.json": record, "predictions.json": results})
     return record
+
+
+def write_outputs(out_dir: Path, files: dict[str, Any]) -> None:
+    """Write ``files`` (name -> JSON value) into ``out_dir`` as one: each to a temporary name, then,
+    once all are written, renamed in reverse order, so the first named (metrics.json) appears last
+    and marks the set done; a set is never a mix of two runs (``.evaluate.lock`` is held). Raises
+    ``OutputError`` naming the file and the system's reason (a full disk, a read-only folder);
+    nothing is then renamed."""
+    target = out_dir
+    try:
+        with folder_lock(out_dir, "evaluate"), contextlib.ExitStack() as renames:
+            for name, value in files.items():
+                target = out_dir / name
+                tmp = renames.enter_context(atomic_path(target))
+                tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                fault_point("evaluate", "written")
+    except OSError as e:
+        raise output_error(target, e, "nothing was written") from None
 
 
 def metrics_table(metrics: dict[str, float], undefined: list[str] | tuple[str, ...] = ()) -> str:

@@ -271,3 +271,39 @@ def test_attention_map_titles_draw_vietnamese_letters():
     # with a Latin-1-only font both letters come out as the same missing-glyph box
     assert not np.array_equal(ink("ư"), ink("ơ"))
     assert not np.array_equal(ink("đ"), ink("ạ"))
+
+
+def test_an_incomplete_cache_is_refused_by_evaluate_and_train(run, tmp_path):
+    """A cache marked complete with a chunk never written (before: evaluate scored the images it
+    had and exited 0, train trained on rows of zeros)."""
+    import shutil
+
+    import h5py
+
+    feats = tmp_path / "feats.h5"
+    shutil.copy(run["feats"], feats)
+    with h5py.File(feats, "r+") as f:
+        f["chunks_done"][0] = False
+    for args in (["evaluate", run["ckpt"], "--data", run["data"], "--features", feats, "--out", tmp_path / "eval"],
+                 ["train", "attn", "--data", run["data"], "--features", feats, "--out", tmp_path / "run"]):
+        r = cli(*args)
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"Error: {feats}: feature cache is marked complete, yet 1 of 1 chunks")
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_zero_byte_or_truncated_checkpoint_is_one_line(run, tmp_path, damage):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"" if damage == "empty" else run["ckpt"].read_bytes()[:5000])
+    for args in (["evaluate", ckpt, "--data", run["data"], "--features", run["feats"], "--out", tmp_path / "eval"],
+                 ["caption", run["data"] / "source" / "missing.jpg", "--checkpoint", ckpt]):
+        r = cli(*args)
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
+        assert r.output.startswith(f"Error: {ckpt}: ")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes(ckpt.read_bytes())
+    r = cli("train", "attn", "--data", run["data"], "--features", run["feats"], "--out", resumed, "--resume")
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {resumed / 'last.pt'}: ") and r.output.count("\n") == 1, \
+        r.output

@@ -264,3 +264,42 @@ def test_out_in_a_new_folder_is_created(tmp_path, prepared):
                      progress=False)
     with FeatureCache(out) as cache:
         assert cache.valid.all()
+
+
+def test_a_cache_marked_complete_with_chunks_never_written_is_refused_then_finished(tmp_path, prepared, caplog):
+    """complete=True while a /chunks_done flag is False (the rows were never written): the reader
+    refuses it in one line, and extract-features re-checks the chunks and writes the missing one
+    instead of saying 'already complete'."""
+    import h5py
+
+    opts = ExtractOptions(backbone="resnet18", weights="none", image_size=32, workers=0, chunk_rows=4)
+    out = extract_features(prepared, tmp_path / "c.h5", opts, progress=False)
+    with FeatureCache(out, in_memory=True) as cache:
+        spatial, pooled = cache.spatial, cache.pooled
+    with h5py.File(out, "r+") as f:
+        f["chunks_done"][1] = False
+        f["spatial"][4:8] = 0
+        f["pooled"][4:8] = 0
+    with pytest.raises(CaptionsError, match=r"c\.h5: feature cache is marked complete, yet 1 of 3 chunks were never "
+                                            r"written; re-run 'captions extract-features'"):
+        FeatureCache(out)
+    caplog.set_level(logging.INFO, logger="captions")
+    extract_features(prepared, out, opts, progress=False)
+    assert "already complete" not in caplog.text and "1 chunk(s) were never written; extracting them" in caplog.text
+    assert "resuming c.h5.partial.h5: 2 of 3 chunks already done" in caplog.text
+    with FeatureCache(out) as cache:
+        np.testing.assert_array_equal(cache.spatial[:], spatial)
+        np.testing.assert_array_equal(cache.pooled[:], pooled)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["c.h5"]
+
+
+def test_a_second_extraction_into_the_same_cache_is_refused_in_one_line(tmp_path, prepared):
+    from captions.fsutil import output_lock
+
+    out = tmp_path / "c.h5"
+    with output_lock(tmp_path / ".c.h5.lock", "extract-features"):
+        r = CliRunner().invoke(main, ["extract-features", str(prepared), "--out", str(out), "--backbone", "resnet18",
+                                      "--weights", "none", "--image-size", "32", "--workers", "0", "--quiet"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"another 'captions extract-features' (pid {os.getpid()} on " in r.output
+    assert f"holds {tmp_path / '.c.h5.lock'}" in r.output and not out.exists()

@@ -39,8 +39,14 @@ def test_library_tokenizers_work_offline(name):
 
 
 def test_unknown_tokenizer_lists_choices():
-    with pytest.raises(CaptionsError, match="unknown tokenizer 'bpe'.*simple, nltk, spacy"):
-        get_tokenizer("bpe")
+    with pytest.raises(CaptionsError, match="unknown tokenizer 'sentencepiece'.*simple, nltk, spacy, wordpiece, bpe, "
+                                            "hf:PATH"):
+        get_tokenizer("sentencepiece")
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "bpe"])
+def test_subword_tokenizers_split_the_simple_tokenizers_words(name):
+    assert get_tokenizer(name) is simple_tokenize  # the pieces come from the vocabulary (test_subword.py)
 
 
 def test_vocabulary_specials_min_count_and_order():

@@ -566,7 +566,8 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_
 
     def second_run(step):
         if step == 2:
-            with pytest.raises(CaptionsError, match=r"another 'captions train' \(pid \d+\) holds"):
+            with pytest.raises(CaptionsError, match=rf"another 'captions train' \(pid {os.getpid()} on \S+\) holds "
+                                                    rf".*\.train\.lock"):
                 train(data, cache, tmp_path / "run", config(model="rnn", **TINY), progress=False)
 
     train(data, cache, tmp_path / "run", config(model="rnn", **TINY), progress=False, step_callback=second_run)
@@ -585,3 +586,33 @@ def test_an_output_under_a_file_is_one_line(tmp_path, synth):
                                        "--out", str(tmp_path / "afile" / "run")])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path / 'afile'}"), result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_resume_drops_what_an_uncommitted_epoch_wrote(tmp_path, synth):
+    """What a run killed during an epoch's commit left (the epoch's metrics row, a half-written
+    line, staged checkpoints, a temporary file) is dropped on resume and the epoch redone; a
+    checkpoint from before metrics_bytes was recorded keeps the rows of its own epochs."""
+    data, cache = synth
+    cfg = config(model="rnn", **{**TINY, "epochs": 2})
+    train(data, cache, tmp_path / "full", cfg, progress=False)
+    run = tmp_path / "cut"
+
+    def kill_in_epoch_2(step):
+        if (run / "metrics.jsonl").exists():  # epoch 1 is committed
+            raise SystemExit("killed")
+
+    with pytest.raises(SystemExit):
+        train(data, cache, run, cfg, progress=False, step_callback=kill_in_epoch_2)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["metrics_bytes"]  # as written before it was recorded
+    torch.save(ckpt, run / "last.pt")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "phase": "cross-entropy", "val_loss": 0.0}) + '\n{"epoch": 3, "ph')
+    (run / ".epoch-2").mkdir()
+    (run / ".epoch-2" / "best.pt").write_bytes(b"an uncommitted epoch's")
+    (run / ".last.pt.tmp-99999").write_bytes(b"a save that was killed")
+    train(data, cache, run, cfg, resume=True, progress=False)
+    rows, want = read_metrics(run), read_metrics(tmp_path / "full")
+    assert [r["val_loss"] for r in rows] == pytest.approx([r["val_loss"] for r in want], rel=1e-6)
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert load_checkpoint(run / "best.pt")["epoch"] == load_checkpoint(tmp_path / "full" / "best.pt")["epoch"]

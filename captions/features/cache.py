@@ -49,12 +49,19 @@ def read_attrs(f) -> dict[str, Any]:
     return out
 
 
+def unfinished_chunks(f) -> int:
+    """How many of the file's /chunks_done flags are False (0 for a file without them): a file
+    whose ``complete`` attribute is set while some are False holds rows that were never written."""
+    return int((~f["chunks_done"][:].astype(bool)).sum()) if "chunks_done" in f else 0
+
+
 class FeatureCache:
     """Read a complete feature cache.
 
     ``ids`` (N,) int64, ``names`` list of N str, ``valid`` (N,) bool, ``metadata`` dict;
     ``spatial`` (N, P, C) and ``pooled`` (N, C): h5py datasets, or numpy arrays when ``in_memory``.
-    Refuses incomplete files and other format versions.
+    Refuses incomplete files (also one marked complete with chunks never written) and other
+    format versions, in one line naming the file (``CaptionsError``).
     """
 
     def __init__(self, path: str | os.PathLike, in_memory: bool = False) -> None:
@@ -66,7 +73,10 @@ class FeatureCache:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as e:
-            raise CaptionsError(f"not a readable HDF5 file ({e})", self.path) from None
+            if isinstance(e, BlockingIOError) or "unable to lock file" in str(e):
+                raise CaptionsError("feature cache is open for writing in another process; wait for it to finish",
+                                    self.path) from None
+            raise CaptionsError(f"not a readable HDF5 file ({' '.join(str(e).split())})", self.path) from None
         self.metadata = read_attrs(self._file)
         if self.metadata.get("format") != FORMAT_NAME:
             raise CaptionsError("not a captions feature cache", self.path)
@@ -77,6 +87,10 @@ class FeatureCache:
             raise CaptionsError("feature cache is incomplete (extraction was interrupted); re-run "
                                 "'captions extract-features' to finish it", self.path)
         f = self._file
+        missing = unfinished_chunks(f)
+        if missing:
+            raise CaptionsError(f"feature cache is marked complete, yet {missing} of {len(f['chunks_done'])} chunks "
+                                f"were never written; re-run 'captions extract-features' to finish it", self.path)
         self.ids = f["image_ids"][:]
         self.names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in f["names"][:]]
         self.valid = f["valid"][:].astype(bool)

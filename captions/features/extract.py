@@ -1,14 +1,16 @@
 """``captions extract-features``: run a CNN once over a prepared dataset and cache its features.
 
-The steps: check an existing cache (``_existing_is_complete``), join torchrun's group, extract
-this rank's chunks into its partial file (``_extract_shard``: decode, forward, write in the
-background), then rank 0 merges the shards and marks the cache complete (``_finish``). The
-forward is ``captions.features.forward``, the file writing ``captions.features.writer``.
+The steps: lock the output (``output_lock``), check an existing cache (``_existing_is_complete``),
+join torchrun's group, extract this rank's chunks into its partial file (``_extract_shard``:
+decode, forward, write in the background), then rank 0 merges the shards and marks the cache
+complete (``_finish``). The forward is ``captions.features.forward``, the file writing
+``captions.features.writer``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -22,12 +24,20 @@ import torch
 from captions.distributed import Distributed, barrier, join, leave
 from captions.errors import CaptionsError
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, spatial_shape_of
-from captions.features.cache import FORMAT_NAME, read_attrs
+from captions.features.cache import FORMAT_NAME, read_attrs, unfinished_chunks
 from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import crop_batch, decode_images
 from captions.features.spec import FeatureSpec
-from captions.features.writer import ChunkWriter, cache_attrs, complete_cache, merge_shards, open_shard, shard_path
-from captions.fsutil import sha256_file
+from captions.features.writer import (
+    ChunkWriter,
+    cache_attrs,
+    complete_cache,
+    merge_shards,
+    open_shard,
+    shard_path,
+    writing,
+)
+from captions.fsutil import output_lock, sha256_file
 from captions.pipeline.prepared import MANIFEST, PreparedDataset, load_prepared
 from captions.runtime import resolve_device, resolve_precision, retained_heap
 
@@ -54,6 +64,18 @@ def load_crops(paths: list[Path], rows, prep) -> tuple[torch.Tensor, torch.Tenso
             good.append(r)
     x = crop_batch(images, prep) if images else None
     return torch.tensor(good, dtype=torch.int64), x, failed
+
+
+def forget_descriptors(fds: tuple[int, ...], worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: close the worker's copies of the output file's descriptors.
+
+    A forked worker inherits the HDF5 file's descriptor, and with it HDF5's lock on the file; a
+    worker outliving a killed run (it notices within about 5 s) would keep the file locked
+    against an immediate re-run. The worker never touches the file.
+    """
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -178,14 +200,16 @@ def _spec_of(bb: Backbone, opts: ExtractOptions, dataset_hash: str) -> FeatureSp
     return FeatureSpec(backbone=bb.name, weights=bb.weights, image_size=opts.image_size,
                        preprocessing=bb.preprocessing.to_dict(), dtype=opts.dtype, precision=opts.precision,
                        spatial_shape=spatial_shape_of(bb, opts.image_size), channels=bb.channels,
-                       dataset_hash=dataset_hash)
+                       token_layout=bb.token_layout, dataset_hash=dataset_hash)
 
 
 def _existing_is_complete(out: Path, attrs: dict) -> bool:
     """True when ``out`` is a complete cache of these settings, False when absent or partial.
 
-    chunk_rows may differ (the file is complete: its chunks no longer matter). Raises
-    ``CaptionsError`` when ``out`` is unreadable, not a feature cache, or made with other settings.
+    chunk_rows may differ (the file is complete: its chunks no longer matter). A file marked
+    complete while some chunks were never written is moved back to the partial name, so that
+    this run finishes it. Raises ``CaptionsError`` when ``out`` is unreadable, not a feature
+    cache, or made with other settings.
     """
     import h5py
 
@@ -193,16 +217,22 @@ def _existing_is_complete(out: Path, attrs: dict) -> bool:
         return False
     try:
         with h5py.File(out, "r") as f:
-            old = read_attrs(f)
+            old, missing = read_attrs(f), unfinished_chunks(f)
     except OSError as e:
-        raise CaptionsError(f"exists but is not a readable HDF5 file ({e}); move it away first", out) from None
+        raise CaptionsError(f"exists but is not a readable HDF5 file ({' '.join(str(e).split())}); move it away "
+                            f"first", out) from None
     diff = [k for k in FeatureSpec.EXTRACTION_KEYS if old.get(k) != attrs.get(k)]
     if old.get("format") != FORMAT_NAME or diff:
         what = ", ".join(f"{k}={old.get(k)!r} (asked {attrs.get(k)!r})" for k in diff) or "not a feature cache"
         raise CaptionsError(f"exists with other settings: {what}; choose another --out or delete it", out)
-    if old.get("complete"):
+    if old.get("complete") and not missing:
         log.info("%s: already complete for these settings; nothing to do", out)
         return True
+    if old.get("complete"):
+        log.warning("%s is marked complete, yet %d chunk(s) were never written; extracting them", out, missing)
+        with h5py.File(out, "r+") as f:
+            f.attrs["complete"] = False
+        os.replace(out, shard_path(out, 0, 1))
     return False
 
 
@@ -256,7 +286,8 @@ def _run_rows(pending: np.ndarray, ds: PreparedDataset, bb: Backbone, opts: Extr
                 loader = torch.utils.data.DataLoader(
                     ImageBatches(paths, batches, bb.preprocessing), batch_size=None, shuffle=False,
                     num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2,
-                    persistent_workers=False)
+                    persistent_workers=False, worker_init_fn=functools.partial(forget_descriptors,
+                                                                               writer.descriptors()))
                 for item in loader:
                     run_batch(*item)
             else:
@@ -271,9 +302,9 @@ def _extract_shard(ds: PreparedDataset, out: Path, bb: Backbone, attrs: dict, op
                    dist: Distributed, progress: bool) -> None:
     """Extract this rank's unfinished chunks into its partial file (resumed when it has some)."""
     names = [im["name"] for im in ds.images]
-    f = open_shard(shard_path(out, dist.rank, dist.world), attrs, names)
+    path = shard_path(out, dist.rank, dist.world)
     t0, seen = time.perf_counter(), 0
-    try:
+    with writing(open_shard(path, attrs, names), path) as f:
         pending, per_chunk = _rows_of_rank(f["chunks_done"][:], dist, opts.chunk_rows, len(names))
         writer = ChunkWriter(f, opts.chunk_rows, per_chunk)
         writer.start()
@@ -281,8 +312,6 @@ def _extract_shard(ds: PreparedDataset, out: Path, bb: Backbone, attrs: dict, op
             seen = _run_rows(pending, ds, bb, opts, dist, writer, progress)
         finally:
             writer.close()
-    finally:
-        f.close()
     elapsed = time.perf_counter() - t0
     if seen:
         log.info("rank %d: %d images in %.1f s (%.1f images/s)", dist.rank, seen, elapsed,
@@ -308,26 +337,31 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
     """Extract spatial and pooled features of every image of a prepared dataset into an HDF5 cache.
 
     Returns the cache path (``out``, default ``default_cache_path``); its format is in
-    ``captions.features.cache``. Resumes an interrupted run (finished chunks are kept). Raises
-    ``CaptionsError`` for bad options, an unknown backbone or unusable weights, and refuses to
+    ``captions.features.cache``. Resumes an interrupted run (finished chunks are kept). Holds
+    ``.<out name>.lock`` beside ``out`` while it runs. Raises ``CaptionsError`` for bad options, an
+    unknown backbone or unusable weights, another run writing ``out`` now, and refuses to
     overwrite or append to an existing cache made with another backbone, weights, size, dtype,
-    precision or dataset. Under torchrun each rank extracts its share of chunks and rank 0 merges
-    them; a process group created here is destroyed at the end of a successful run.
+    precision or dataset; ``OutputError`` (one line: the path and the system's reason) when the
+    cache cannot be written (a full disk, a read-only folder). Under torchrun each rank extracts
+    its share of chunks and rank 0 merges them; a process group created here is destroyed at the
+    end of a successful run.
     """
     opts = options or ExtractOptions()
     _check_options(opts)
     ds = load_prepared(dataset_dir)
     out = Path(out) if out is not None else default_cache_path(Path(dataset_dir), opts.backbone, opts.image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(opts.device)
-    bb = build_backbone(opts.backbone, opts.weights, opts.image_size)
-    attrs = cache_attrs(_spec_of(bb, opts, ds.dataset_hash), stride=bb.stride,
-                        manifest_sha256=sha256_file(Path(dataset_dir) / MANIFEST), chunk_rows=opts.chunk_rows,
-                        compression=opts.compression)
-    if _existing_is_complete(out, attrs):
-        return out
-    dist = join(device)
-    _extract_shard(ds, out, bb, attrs, opts, dist, progress)
-    _finish(out, dist, opts.chunk_rows)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    with output_lock(out.with_name(f".{out.name}.lock"), "extract-features") if rank0 else contextlib.nullcontext():
+        device = resolve_device(opts.device)
+        bb = build_backbone(opts.backbone, opts.weights, opts.image_size)
+        attrs = cache_attrs(_spec_of(bb, opts, ds.dataset_hash), stride=bb.stride,
+                            manifest_sha256=sha256_file(Path(dataset_dir) / MANIFEST), chunk_rows=opts.chunk_rows,
+                            compression=opts.compression)
+        if _existing_is_complete(out, attrs):
+            return out
+        dist = join(device)
+        _extract_shard(ds, out, bb, attrs, opts, dist, progress)
+        _finish(out, dist, opts.chunk_rows)
     leave(dist)
     return out

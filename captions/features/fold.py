@@ -113,6 +113,8 @@ def fuse_for_inference(module: torch.nn.Module, inplace: bool = False) -> torch.
     """
     if not inplace:
         module = copy.deepcopy(module)
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules()):
+        return module  # ViTs, Swin, ConvNeXt, CLIP towers: nothing to fold, no trace needed
     folded = 0
     with torch.no_grad():
         for conv_name, bn_name in _conv_bn_pairs(module):

@@ -1,4 +1,4 @@
-"""The extraction forward: uint8 crops -> feature map -> the cache's (spatial, pooled) rows.
+"""The extraction forward: uint8 crops -> feature map (and pooled vector) -> the cache's (spatial, pooled) rows.
 
 Shared by ``extract-features`` and ``captions caption``, so that new images get the same
 features as the cache the decoder was trained on.
@@ -14,11 +14,14 @@ from captions.features.preprocess import normalize_batch
 
 
 class FeatureForward:
-    """The extraction forward: uint8 crops (N, 3, S, S) -> feature map (N, C, h, w).
+    """The extraction forward: uint8 crops (N, 3, S, S) -> the backbone module's output: the
+    feature map (N, C, h, w), or (feature map, pooled (N, C)) for backbones with their own pooled
+    vector (``Backbone.module``).
 
-    BatchNorm folded (``fuse_for_inference``), channels_last, autocast to ``amp_dtype``. On CPU
-    with bf16/fp16 the parameters are stored in that dtype too (autocast would otherwise cast
-    every weight again at every call) and normalisation writes the input straight in it.
+    BatchNorm folded (``fuse_for_inference``; models without foldable pairs run as they are),
+    channels_last, autocast to ``amp_dtype``. On CPU with bf16/fp16 the parameters are stored in
+    that dtype too (autocast would otherwise cast every weight again at every call) and
+    normalisation writes the input straight in it.
     ``benchmarks/extract.py`` times its raw forward with this same object.
     """
 
@@ -39,26 +42,35 @@ class FeatureForward:
         x = normalize_batch(x.to(self.device, non_blocking=True), self.preprocessing, self.input_dtype)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised input (from ``normalize``) -> feature map; call under ``torch.inference_mode``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input (from ``normalize``) -> feature map, or (feature map, pooled); call under
+        ``torch.inference_mode``."""
         if self.amp_dtype is None:
             return self.module(x)
         with torch.autocast(self.device.type, dtype=self.amp_dtype):
             return self.module(x)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 crops (N, 3, S, S), any device -> feature map (N, C, h, w) on ``device``."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """uint8 crops (N, 3, S, S), any device -> feature map (N, C, h, w), or (feature map,
+        pooled (N, C)), on ``device``."""
         return self.forward(self.normalize(x))
 
 
-def pooled_and_spatial(fmap: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature map (N, C, h, w) -> (spatial (N, h*w, C), pooled (N, C)), both ``dtype``, on fmap's device.
+def pooled_and_spatial(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backbone's output -> (spatial (N, h*w, C), pooled (N, C)), both ``dtype``, on its device.
 
-    ``spatial`` is contiguous, positions row-major over (h, w) (the cache's ``grid`` layout);
-    ``pooled`` is the mean over positions, taken in float32 before the cast.
+    ``out``: a feature map (N, C, h, w), whose pooled vector is the mean over positions (taken in
+    float32 before the cast), or a pair (feature map, the model's own pooled vector (N, C)).
+    ``spatial`` is contiguous, positions row-major over (h, w) (the cache's ``grid`` layout).
     """
-    # (N, C, h, w) -> (N, h*w, C): free for a channels_last map; casts happen in torch
-    # (vectorised) rather than numpy, whose float16 conversion is slow.
-    pooled = fmap.float().mean(dim=(2, 3)).to(dtype)
+    # (N, C, h, w) -> (N, h*w, C): free for a channels_last map (and for tokens laid out on their
+    # grid); casts happen in torch (vectorised) rather than numpy, whose float16 conversion is slow.
+    if isinstance(out, tuple):
+        fmap, own = out
+        pooled = own.float().to(dtype)
+    else:
+        fmap = out
+        pooled = fmap.float().mean(dim=(2, 3)).to(dtype)
     spatial = fmap.flatten(2).transpose(1, 2).to(dtype).contiguous()
     return spatial, pooled

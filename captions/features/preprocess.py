@@ -142,7 +142,9 @@ def crop_batch(images: list[torch.Tensor], prep: Preprocessing) -> torch.Tensor:
             interp = _PIL_INTERP[prep.interpolation]
             x = torch.stack([torch.from_numpy(np.array(Image.fromarray(im.numpy()).resize((nw, nh), interp)))
                              for im in x.permute(0, 2, 3, 1)]).permute(0, 3, 1, 2)
-    left, top = (nw - prep.crop) // 2, (nh - prep.crop) // 2
+    # torchvision's CenterCrop (the eval transform of every family's weights): the offset rounded
+    # half to even, not floored (an odd margin of 3 starts at 2)
+    left, top = round((nw - prep.crop) / 2), round((nh - prep.crop) / 2)
     return x[:, :, top : top + prep.crop, left : left + prep.crop]
 
 

@@ -12,6 +12,61 @@ from typing import Any, ClassVar
 
 from captions.errors import CaptionsError
 
+POOLED_KINDS = ("mean", "model")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a backbone's output became the cache's rows: ``spatial`` (N, h*w, C) and ``pooled`` (N, C).
+
+    The positions are always the h x w feature grid in row-major order, channels last.
+    ``prefix_dropped``: how many prefix tokens (class, distillation, register tokens) the model put
+    before its patch tokens and the cache leaves out. ``pooled``: ``mean`` (the mean over the
+    positions, also when that is the model's own pooling) or ``model`` (the model's own pooled
+    vector: timm's pre-logits, a ViT's class token, a CLIP image embedding). ``projected``: the
+    positions went through the model's output projection too, into the pooled vector's space
+    (CLIP towers).
+
+    Written into ``FeatureSpec.token_layout`` as ``grid[;prefix=N:dropped][;pooled=model][;projected]``:
+    plain ``grid`` is the layout of every cache made before this record existed.
+    """
+
+    prefix_dropped: int = 0
+    pooled: str = "mean"
+    projected: bool = False
+
+    def __str__(self) -> str:
+        parts = ["grid"]
+        if self.prefix_dropped:
+            parts.append(f"prefix={self.prefix_dropped}:dropped")
+        if self.pooled != "mean":
+            parts.append(f"pooled={self.pooled}")
+        if self.projected:
+            parts.append("projected")
+        return ";".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> TokenLayout:
+        """The layout written by ``str(layout)``; raises ``CaptionsError`` for any other text
+        (a cache or checkpoint from a newer version)."""
+        parts = text.split(";")
+        prefix, pooled, projected = 0, "mean", False
+        ok = parts[0] == "grid"
+        for part in parts[1:]:
+            key, _, value = part.partition("=")
+            if key == "prefix" and value.endswith(":dropped") and value[: -len(":dropped")].isdigit():
+                prefix = int(value[: -len(":dropped")])
+            elif key == "pooled" and value in POOLED_KINDS:
+                pooled = value
+            elif part == "projected":
+                projected = True
+            else:
+                ok = False
+        if not ok:
+            raise CaptionsError(f"unknown token layout '{text}' (this version reads grid[;prefix=N:dropped]"
+                                f"[;pooled=model][;projected]); use the version that wrote it")
+        return cls(prefix, pooled, projected)
+
 # Defaults for fields that older caches and checkpoints lack (caches of format version 1 made
 # before token_layout existed; checkpoints of runs from before precision was recorded).
 _DEFAULTS: dict[str, Any] = {"token_layout": "grid", "precision": "auto", "dataset_hash": None}
@@ -34,9 +89,11 @@ class FeatureSpec:
     or ``sha256:<hex>``). ``preprocessing``: ``Preprocessing.to_dict()`` (resize, crop, mean, std,
     interpolation). ``dtype``: the stored dtype, ``float16`` or ``float32``. ``precision``: the
     autocast asked for at extraction (auto, fp32, bf16, fp16). ``spatial_shape``: (h, w) of the
-    feature map; ``channels``: C. ``token_layout``: ``grid`` = the h*w positions of a (C, h, w)
-    map in row-major order (the only layout so far). ``dataset_hash``: the prepared dataset the
-    features were extracted from (None where unknown).
+    feature map; ``channels``: C, of the positions and of the pooled vector. ``token_layout``:
+    ``str(TokenLayout)``: ``grid`` = the h*w positions of a (C, h, w) map in row-major order with
+    their mean as the pooled vector (the layout of every older cache), else which prefix tokens
+    were dropped and where the pooled vector came from. ``dataset_hash``: the prepared dataset
+    the features were extracted from (None where unknown).
 
     ``spatial_shape`` is kept as a tuple and ``preprocessing`` with lists, whatever was passed,
     so specs read back from HDF5 or JSON compare equal to the ones written.

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from captions.errors import CaptionsError
-from captions.fsutil import atomic_path
+from captions.errors import CaptionsError, output_error
+from captions.fsutil import atomic_path, fault_point
 from captions.models.base import CaptionDecoder
 from captions.models.registry import DecoderConfig, decoder_config, decoder_entry
 
@@ -38,9 +38,24 @@ def build_decoder(model: str, cfg: DecoderConfig | None = None, **settings: Any)
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
-    """Write atomically: a reader sees the old checkpoint or the new one, never half of one."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **ckpt}, tmp)
+    """Write atomically: a reader sees the old checkpoint or the new one, never half of one (the
+    bytes reach the disk before the rename, so not after a power cut either).
+
+    Raises ``OutputError`` naming ``path`` and the system's reason (a full disk, a read-only
+    folder) when it cannot be written; ``path`` is then left as it was.
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            # through a Python file, a failed write is an OSError with its errno (torch's own
+            # writer only says "file write failed")
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **ckpt}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("checkpoint", "written")
+    except OSError as e:
+        raise output_error(path, e) from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -91,6 +91,9 @@ class TransformerConfig(DecoderConfig):
     ffn_dim: int = setting(512, "Hidden size of each block's feed-forward network.", min=1)
     encoder_layers: int = setting(0, "Pre-norm Transformer encoder layers over the projected "
                                      "features before decoding (0: none).", min=0)
+    memory_dropout: float = setting(0.5, "Dropout on the projected features (the memory) before the blocks "
+                                         "attend over them (as self-critical.pytorch's att_embed; on ucm val "
+                                         "CIDEr 2.730 -> 2.873 against none).", min=0, max=0.95)
     positions: str = setting("sinusoidal", "Word position encodings.",
                              choices=("sinusoidal", "learned"))
     tie_embeddings: bool = setting(False, "Share the word embedding with the output layer.")

@@ -122,6 +122,7 @@ class TransformerDecoder(CaptionDecoder):
         if cfg.tie_embeddings:
             self.out.weight = self.embed.weight
         self.proj = nn.Linear(cfg.feature_dim, d)
+        self.memory_drop = MaskDropout(cfg.memory_dropout)
         layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False) \
@@ -143,7 +144,7 @@ class TransformerDecoder(CaptionDecoder):
 
     def encode(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (M, P, C) -> memory (M, P, d)."""
-        memory = self.proj(feats)
+        memory = self.memory_drop(self.proj(feats))
         if self.encoder is not None:
             memory = self.encoder(memory)
         return self.ln_memory(memory)

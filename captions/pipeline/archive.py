@@ -1,41 +1,60 @@
-"""Safe, resumable extraction of zip and tar archives.
+"""Safe, resumable extraction of zip and tar archives, and the check that an archive is whole.
 
 Every member is checked before anything is written: absolute names, ``..`` components, links
-whose target leaves the destination and special files (devices, fifos) are refused with a
-``CaptionsError`` that names the member. Each file is written to a temporary name beside its
-final path and renamed into place, so an interrupted extraction never leaves a truncated file
-under a real name; running the extraction again skips the members already in place (same
-size) and redoes the rest.
+(symbolic or hard) and special files (devices, fifos) are refused with a ``CaptionsError``
+naming the archive and the member. Links are refused outright rather than judged by where they
+point: the official COCO and Flickr8k archives hold none, and a chain of links that each look
+inside the destination when checked can still lead a later member outside it. Writing never
+follows a link either: each folder under the destination is opened one component at a time with
+``O_NOFOLLOW`` (and the member written through that descriptor), so a link already there,
+planted or left by another tool, is refused instead of followed.
+
+Each file is written to a temporary name beside its final path and renamed into place, so an
+interrupted extraction never leaves a truncated file under a real name; running the extraction
+again skips the members already in place (same size) and redoes the rest.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import lzma
 import os
-import posixpath
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tqdm import tqdm
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, output_error
+from captions.fsutil import fault_point, write_all
 
 log = logging.getLogger("captions")
 
 #: Members under these top-level folders are junk (macOS resource forks) and are skipped.
 SKIP_PREFIXES: tuple[str, ...] = ("__MACOSX/",)
+#: Names that mark a tar archive (also with ``.part`` appended, as a download in progress is named).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_MAX_OPEN_FOLDERS = 64
+# what reading a damaged archive raises (bz2 raises OSError, which is told apart where it matters)
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class CorruptArchive(CaptionsError):
+    """An archive that does not open, or whose data does not read back (truncated or damaged)."""
 
 
 @dataclass
@@ -44,9 +63,8 @@ class Member:
 
     name: str  # normalised relative POSIX path (no leading ./, no trailing /)
     raw_name: str  # the name as stored in the archive (used in error messages)
-    kind: str  # "file", "dir", "symlink" or "hardlink"
+    kind: str  # "file" or "dir"
     size: int = 0
-    link: str = ""  # symlink target as stored, or the hardlink's archive path
 
 
 def _check_name(raw: str, archive: Path) -> str:
@@ -60,25 +78,9 @@ def _check_name(raw: str, archive: Path) -> str:
     return "/".join(parts)
 
 
-def _check_link(member: Member, archive: Path) -> None:
-    """Raise unless ``member``'s link target stays inside the destination."""
-    target = member.link.replace("\\", "/")
-    if member.kind == "hardlink":  # the target is an archive path: same rules as member names
-        try:
-            member.link = _check_name(target, archive)
-        except CaptionsError:
-            member.link = ""
-        if not member.link:
-            raise CaptionsError(f"refusing to extract member '{member.raw_name}': hard link to '{target}' "
-                                "escapes the destination", archive) from None
-        return
-    if target.startswith("/") or _DRIVE.match(target):
-        raise CaptionsError(f"refusing to extract member '{member.raw_name}': symlink to absolute path "
-                            f"'{member.link}' escapes the destination", archive)
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
-    if resolved == ".." or resolved.startswith("../"):
-        raise CaptionsError(f"refusing to extract member '{member.raw_name}': symlink to '{member.link}' "
-                            "escapes the destination", archive)
+def _refuse_link(raw: str, kind: str, target: str, archive: Path) -> CaptionsError:
+    return CaptionsError(f"refusing to extract member '{raw}': a {kind} (to '{target}'); links are not extracted "
+                         "(the COCO and Flickr8k archives hold none)", archive)
 
 
 def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple[Member, zipfile.ZipInfo]]:
@@ -86,114 +88,185 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple[Member, zipfi
     for info in zf.infolist():
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            m = Member("", info.filename, "symlink", 0, zf.read(info).decode("utf-8", "replace"))
-        elif info.is_dir():
-            m = Member("", info.filename, "dir")
+            target = zf.read(info)[:200].decode("utf-8", "replace")
+            raise _refuse_link(info.filename, "symbolic link", target, archive)
+        if info.is_dir():
+            out.append((Member("", info.filename, "dir"), info))
+        elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise CaptionsError(f"refusing to extract member '{info.filename}': special file (device or fifo)",
+                                archive)
         else:
-            m = Member("", info.filename, "file", info.file_size)
-        out.append((m, info))
+            out.append((Member("", info.filename, "file", info.file_size), info))
     return out
 
 
 def _tar_members(tf: tarfile.TarFile, archive: Path) -> list[tuple[Member, tarfile.TarInfo]]:
     out = []
     for info in tf.getmembers():
-        if info.issym():
-            m = Member("", info.name, "symlink", 0, info.linkname)
-        elif info.islnk():
-            m = Member("", info.name, "hardlink", info.size, info.linkname)
-        elif info.isdir():
-            m = Member("", info.name, "dir")
+        if info.issym() or info.islnk():
+            raise _refuse_link(info.name, "symbolic link" if info.issym() else "hard link", info.linkname, archive)
+        if info.isdir():
+            out.append((Member("", info.name, "dir"), info))
         elif info.isfile():
-            m = Member("", info.name, "file", info.size)
+            out.append((Member("", info.name, "file", info.size), info))
         else:
             raise CaptionsError(f"refusing to extract member '{info.name}': special file (device or fifo)", archive)
-        out.append((m, info))
     return out
 
 
 def _validate(pairs: list, archive: Path) -> list:
-    """Check every member (see module docstring); drop junk and the root entry. Raises on the first bad one."""
+    """Check every member's name (see module docstring); drop junk and the root entry. Raises on the first bad one."""
     kept = []
     for m, info in pairs:
         m.name = _check_name(m.raw_name, archive)
         if not m.name or any((m.name + "/").startswith(p) for p in SKIP_PREFIXES):
             continue
-        if m.kind in ("symlink", "hardlink"):
-            _check_link(m, archive)
         kept.append((m, info))
     return kept
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+class _Folders:
+    """Descriptors of the folders under the destination, opened one component at a time without
+    following a link: writing through them, nothing can lead a member outside, whatever is
+    already there or is swapped in meanwhile."""
+
+    def __init__(self, dest: Path, archive: Path) -> None:
+        self.dest, self.archive = dest, archive
+        self.root = os.open(dest, os.O_RDONLY | _DIRECTORY | _CLOEXEC)  # dest itself may be a link: the user's own
+        self.fds: dict[str, int] = {}
+
+    def fd(self, rel: str, member: Member) -> int:
+        """The descriptor of folder ``rel`` ("" for the destination), created where missing.
+        ``CaptionsError`` when a component of it is a link or a file."""
+        if not rel:
+            return self.root
+        if rel in self.fds:
+            return self.fds[rel]
+        parent, _, name = rel.rpartition("/")
+        pfd = self.fd(parent, member)
+        try:
+            os.mkdir(name, 0o777, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=pfd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            what = "a link" if _is_link(name, pfd) else "a file"
+            raise CaptionsError(f"refusing to extract member '{member.raw_name}': {self.dest / rel} is {what}, "
+                                "not a folder (links are never followed)", self.archive) from None
+        if len(self.fds) >= _MAX_OPEN_FOLDERS:
+            self.close_folders()
+        self.fds[rel] = fd
+        return fd
+
+    def close_folders(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def close(self) -> None:
+        self.close_folders()
+        os.close(self.root)
 
 
-def _target(root: Path, member: Member, archive: Path) -> Path:
-    """The final path of ``member`` under ``root``; raises if an existing symlink would lead it outside."""
-    final = root.joinpath(*member.name.split("/"))
-    real_root = os.path.realpath(root)
-    if not _inside(os.path.realpath(final.parent), real_root):
-        raise CaptionsError(f"refusing to extract member '{member.raw_name}': its folder leads outside "
-                            "the destination through a link", archive)
-    if member.kind == "symlink" and not _inside(os.path.realpath(final.parent / member.link), real_root):
-        raise CaptionsError(f"refusing to extract member '{member.raw_name}': symlink to '{member.link}' "
-                            "escapes the destination", archive)
-    return final
-
-
-@contextmanager
-def _atomic_member(final: Path) -> Iterator[Path]:
-    """A fixed temporary name beside ``final`` (so a re-run overwrites a leftover), renamed on success."""
-    tmp = final.with_name(f".{final.name}.extracting")
+def _is_link(name: str, dir_fd: int) -> bool:
     try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
-def _is_done(final: Path, member: Member) -> bool:
-    if member.kind == "symlink":
-        return final.is_symlink() and os.readlink(final) == member.link
-    return final.is_file() and not final.is_symlink() and final.stat().st_size == member.size
+def _unlink_at(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
-def _write_file(final: Path, src: IO[bytes], bar: tqdm) -> None:
-    with _atomic_member(final) as tmp, open(tmp, "wb") as out:
-        while block := src.read(_CHUNK):
-            out.write(block)
-            bar.update(len(block))
+def _copy(src: IO[bytes], fd: int, member: Member, archive: Path, bar: tqdm) -> None:
+    """Copy a member's data into ``fd``: a read failure is the archive's (``CorruptArchive``), a
+    write failure the destination's (``OSError``, left to the caller)."""
+    while True:
+        try:
+            block = src.read(_CHUNK)
+        except (*_READ_ERRORS, OSError) as e:
+            raise CorruptArchive(f"member '{member.raw_name}' does not read back: {e}", archive) from None
+        if not block:
+            return
+        write_all(fd, block)
+        bar.update(len(block))
+
+
+def _write_file(folders: _Folders, m: Member, open_member: Callable[[Any], IO[bytes]], info: Any,
+                bar: tqdm) -> bool:
+    """Write file member ``m`` unless it is in place (a regular file of its size); True when written.
+    The temporary file is created exclusively and without following links, then renamed."""
+    parent, _, name = m.name.rpartition("/")
+    pfd = folders.fd(parent, m)
+    final = folders.dest / m.name
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise CaptionsError(f"refusing to extract member '{m.raw_name}': {final} is a link (links are never "
+                            "followed)", folders.archive)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise CaptionsError(f"cannot extract member '{m.raw_name}': a folder of that name exists", final)
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == m.size:
+        bar.update(m.size)
+        return False
+    tmp = f".{name}.extracting"  # a fixed name, so a re-run replaces what a killed run left
+    try:
+        _unlink_at(tmp, pfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=pfd)
+        try:
+            with open_member(info) as src:
+                _copy(src, fd, m, folders.archive, bar)
+        finally:
+            os.close(fd)
+        fault_point("download", "member-tmp")
+        os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException as e:
+        _unlink_at(tmp, pfd)
+        if isinstance(e, OSError):
+            raise output_error(final, e) from None
+        raise
+    fault_point("download", "member")
+    return True
 
 
 def _extract(pairs: list, dest: Path, archive: Path, open_member, progress: bool, desc: str) -> int:
     """Write validated members under ``dest``; returns how many were (re)written."""
     written = 0
     total = sum(m.size for m, _ in pairs)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
-              leave=False) as bar:
-        for m, info in pairs:
-            final = _target(dest, m, archive)
-            if m.kind == "dir":
-                if final.is_symlink() or (final.exists() and not final.is_dir()):
-                    final.unlink()
-                final.mkdir(parents=True, exist_ok=True)
-                continue
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.is_dir() and not final.is_symlink():
-                raise CaptionsError(f"cannot extract member '{m.raw_name}': a folder of that name exists", final)
-            if _is_done(final, m):
-                bar.update(m.size)
-                continue
-            if m.kind == "symlink":
-                with _atomic_member(final) as tmp:
-                    os.symlink(m.link, tmp)
-            else:
-                with open_member(info) as src:
-                    _write_file(final, src, bar)
-            written += 1
+    folders = _Folders(dest, archive)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
+                  leave=False) as bar:
+            for m, info in pairs:
+                try:
+                    if m.kind == "dir":
+                        folders.fd(m.name, m)
+                    elif _write_file(folders, m, open_member, info, bar):
+                        written += 1
+                except OSError as e:  # creating a folder
+                    raise output_error(dest / m.name, e) from None
+    finally:
+        folders.close()
     return written
+
+
+def _is_zip(archive: Path) -> bool:
+    """Whether ``archive`` is a zip: by its name (a download's ``.part`` by its final one), else its content."""
+    name = archive.name.lower().removesuffix(".part")
+    if name.endswith(".zip"):
+        return True
+    if name.endswith(TAR_SUFFIXES):
+        return False
+    return zipfile.is_zipfile(archive)
 
 
 def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progress: bool = True) -> int:
@@ -201,13 +274,20 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progres
 
     All members are validated before the first one is written. Returns the number of members
     written; 0 means everything was already in place (a re-run after a complete extraction).
-    Raises ``CaptionsError`` for unsafe members (naming them), corrupt archives and unknown formats.
+    Raises ``CaptionsError`` for unsafe members (naming the archive and the member) and unknown
+    formats, ``CorruptArchive`` for an archive that does not open or read back, and ``OutputError``
+    (naming the path and the system's reason) when ``dest`` cannot be written.
     """
     archive, dest = Path(archive), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    if not archive.is_file():
+        raise CaptionsError("archive not found", archive)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(dest, e) from None
     desc = f"extract {archive.name}"
     try:
-        if zipfile.is_zipfile(archive):
+        if _is_zip(archive):
             with zipfile.ZipFile(archive) as zf:
                 pairs = _validate(_zip_members(zf, archive), archive)
                 return _extract(pairs, dest, archive, zf.open, progress, desc)
@@ -216,19 +296,46 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progres
                 pairs = _validate(_tar_members(tf, archive), archive)
 
                 def open_tar(info: tarfile.TarInfo) -> IO[bytes]:
-                    f = tf.extractfile(info)  # hardlinks: the linked file's data
+                    f = tf.extractfile(info)
                     if f is None:
-                        raise CaptionsError(f"cannot read member '{info.name}'", archive)
+                        raise CorruptArchive(f"cannot read member '{info.name}'", archive)
                     return f
 
                 return _extract(pairs, dest, archive, open_tar, progress, desc)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
-        raise CaptionsError(f"corrupt archive: {e}", archive) from None
-    except FileNotFoundError as e:
-        if not archive.exists():
+    except _READ_ERRORS as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise CorruptArchive(f"corrupt archive: {reason}", archive) from None
+    raise CorruptArchive("not a zip or tar archive", archive)
+
+
+def check_archive(archive: str | os.PathLike) -> None:
+    """Raise ``CorruptArchive`` unless ``archive`` opens and its whole member list reads.
+
+    A zip's central directory sits at its end, so reading it catches any truncation; a tar is
+    walked header by header to its end-of-archive block and, compressed, to the end of its
+    stream (whose checksum is then verified). Damaged member data inside a whole zip shows only
+    on extraction (each member's CRC), which raises ``CorruptArchive`` too.
+    """
+    archive = Path(archive)
+    try:
+        if _is_zip(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.infolist()
+            return
+        with tarfile.open(archive) as tf:
+            for _ in tf:
+                pass
+            # the walk ends quietly at a cut between members; only a whole archive has the zero block there
+            if tf.fileobj.tell() != tf.offset + tarfile.BLOCKSIZE:
+                raise CorruptArchive("not a whole zip or tar archive (truncated tar: no end-of-archive block)",
+                                     archive)
+            while tf.fileobj.read(_CHUNK):
+                pass
+    except (*_READ_ERRORS, OSError) as e:
+        if isinstance(e, FileNotFoundError):
             raise CaptionsError("archive not found", archive) from None
-        raise CaptionsError(f"cannot extract: {e}", archive) from None
-    raise CaptionsError("not a zip or tar archive", archive)
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise CorruptArchive(f"not a whole zip or tar archive ({reason})", archive) from None
 
 
 def archive_size(archive: str | os.PathLike) -> int:

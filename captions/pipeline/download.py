@@ -1,11 +1,14 @@
 """``captions download``: fetch the COCO / Flickr8k archives so that ``captions prepare`` runs on them.
 
 Each archive is streamed to ``DEST/archives/NAME.part``. An interrupted download resumes with
-an HTTP ``Range`` request (and restarts cleanly when the server ignores it); connection errors
-and 5xx answers are retried with exponential backoff. The finished file is checked against the
-size the server announced, the size in ``CHECKSUMS`` and, where one is known, its checksum; only
-then is it renamed to ``NAME``. It is then extracted safely (``captions.pipeline.archive``) and a
-marker ``DEST/.captions-download/NAME.done`` records the completed step, so a re-run skips it.
+an HTTP ``Range`` request (from a server that ignores it, the bytes already held are compared as
+they come again); connection errors, early ends and 5xx answers are retried with exponential
+backoff, ``--tries`` attempts in a row that get no further at most. The finished file is checked
+against the size the server announced, the size in ``CHECKSUMS`` and its checksum where one is
+known, else that it is a whole archive (``check_archive``); only then is it flushed to the disk
+and renamed to ``NAME``. It is then extracted safely (``captions.pipeline.archive``) and a marker
+``DEST/.captions-download/NAME.done`` records the completed step, so a re-run skips it. A run
+holds ``DEST/.download.lock`` throughout.
 """
 
 from __future__ import annotations
@@ -30,9 +33,17 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from captions import __version__
-from captions.errors import CaptionsError
-from captions.fsutil import write_json_atomic
-from captions.pipeline.archive import archive_size, extract_archive, free_space
+from captions.errors import CaptionsError, OutputError, output_error
+from captions.fsutil import (
+    fault_point,
+    folder_lock,
+    remove_stale_temporaries,
+    sync_filesystem,
+    write_all,
+    write_bytes_atomic,
+    writing,
+)
+from captions.pipeline.archive import CorruptArchive, archive_size, check_archive, extract_archive, free_space
 
 log = logging.getLogger("captions")
 
@@ -87,6 +98,8 @@ USER_AGENT = f"captions/{__version__} (python-urllib)"
 RETRY_HTTP = {408, 425, 429}  # besides every 5xx
 MAX_DELAY = 60.0
 _CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -186,11 +199,12 @@ def prepare_command(dataset: str, dest: str | os.PathLike, year: str = "2014") -
 
 # ------------------------------------------------------------------------------------------ one file
 class _Transient(Exception):
-    """A failure worth retrying; ``received`` is how many bytes the attempt still got."""
+    """A failure worth retrying, resuming from what the ``.part`` file holds; ``suspect``: those
+    bytes are themselves in doubt (they do not make a whole archive), so they go when we give up."""
 
-    def __init__(self, reason: str, received: int = 0) -> None:
+    def __init__(self, reason: str, suspect: bool = False) -> None:
         super().__init__(reason)
-        self.received = received
+        self.suspect = suspect
 
 
 def _reason(e: BaseException) -> str:
@@ -213,13 +227,21 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
+def _held(path: Path) -> int:
+    """Bytes in ``path`` (0 when it does not exist)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _attempt(url: str, part: Path, size: int | None, timeout: float, bar: tqdm) -> int | None:
-    """One request: append to (or restart) ``part``. Returns the total size when known.
+    """One request: continue (or restart) ``part``. Returns the total size when known.
 
     Raises ``_Transient`` for retryable failures (including a connection closed early) and
     ``CaptionsError`` for permanent ones.
     """
-    offset = part.stat().st_size if part.exists() else 0
+    offset = _held(part)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -233,7 +255,7 @@ def _attempt(url: str, part: Path, size: int | None, timeout: float, bar: tqdm) 
                     return total
                 log.debug("%s: server refused resuming at byte %d; restarting", url, offset)
                 part.unlink()
-                return _attempt(url, part, size, timeout, bar)
+                return _attempt(url, part, size, timeout, bar)  # from byte 0: no Range, so no second 416
             if e.code >= 500 or e.code in RETRY_HTTP:
                 raise _Transient(f"HTTP {e.code} {e.reason}") from None
             raise CaptionsError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
@@ -245,31 +267,30 @@ def _attempt(url: str, part: Path, size: int | None, timeout: float, bar: tqdm) 
         raise _Transient(_reason(e)) from None
 
     with resp:
-        offset, total, mode = _accepted_range(resp, url, part, offset, size)
+        start, total = _accepted_range(resp, url, part, offset, size)
         bar.reset(total=total)
-        bar.update(offset)
-        received = _receive(resp, part, mode, bar)
-    got = offset + received
-    if total is not None and got < total:
-        raise _Transient(f"connection closed after {got} of {total} bytes", received)
+        bar.update(start)
+        end = _receive(resp, part, start, total, bar)
+    if total is not None and end < total:
+        raise _Transient(f"connection closed after {end} of {total} bytes")
     return total
 
 
 def _accepted_range(resp: http.client.HTTPResponse, url: str, part: Path, offset: int,
-                    size: int | None) -> tuple[int, int | None, str]:
-    """Check the server's answer to a request from byte ``offset``: (offset the body starts at,
-    total size or None, file mode for ``part``). ``_Transient`` when the answer cannot be used as
-    is, ``CaptionsError`` when the file is the wrong size or does not fit on the disk."""
+                    size: int | None) -> tuple[int, int | None]:
+    """Check the server's answer to a request from byte ``offset``: (the byte its body starts at,
+    the total size or None). ``_Transient`` when the answer cannot be used as is,
+    ``CaptionsError`` when the file is the wrong size, ``OutputError`` when it does not fit."""
     if resp.status == 206:
         start, total = _content_range(resp.headers.get("Content-Range"))
         if start != offset:  # not the range we asked for: start over without Range
             part.unlink(missing_ok=True)
             raise _Transient(f"server answered the resume request with bytes from {start}, not {offset}")
-        mode = "ab"
     elif resp.status == 200:
         if offset:
-            log.debug("%s: server ignored the Range request; restarting from byte 0", url)
-        offset, mode = 0, "wb"  # "wb" truncates the stale part
+            log.debug("%s: server ignored the Range request; comparing the %d bytes held as they come again",
+                      url, offset)
+        start = 0
         length = resp.headers.get("Content-Length", "")
         total = int(length) if length.strip().isdigit() else None
     else:
@@ -279,24 +300,58 @@ def _accepted_range(resp: http.client.HTTPResponse, url: str, part: Path, offset
                             "wrong file or mirror?", url)
     free = free_space(part.parent)
     if total is not None and total - offset > free:
-        raise CaptionsError(f"not enough free disk space: {total - offset} more bytes needed, {free} free",
-                            part.parent)
-    return offset, total, mode
+        raise OutputError(f"No space left for the download: {total - offset} more bytes needed, {free} free",
+                          part.parent)
+    return start, total
 
 
-def _receive(resp: http.client.HTTPResponse, part: Path, mode: str, bar: tqdm) -> int:
-    """Copy the body into ``part`` (opened with ``mode``); return the bytes received.
-    ``_Transient`` (carrying the bytes received) when the connection breaks."""
-    received = 0
-    with open(part, mode) as f:
+def _receive(resp: http.client.HTTPResponse, part: Path, start: int, total: int | None, bar: tqdm) -> int:
+    """Copy the body, which holds the file from byte ``start``, into ``part`` (never through a
+    link); returns the byte the body ended at. ``_Transient`` when the connection breaks,
+    ``OutputError`` naming ``part`` when it cannot be written."""
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
+    except OSError as e:
+        raise output_error(part, e) from None
+    try:
+        pos, held = start, os.fstat(fd).st_size
+        while True:
+            try:
+                block = resp.read1(_CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                raise _Transient(_reason(e)) from None
+            if not block:
+                break
+            bar.update(len(block))
+            pos, held = _store(fd, block, pos, held, part)
+        if total is not None and held > total:  # a stale tail past the end of the file
+            os.ftruncate(fd, total)
+        return pos
+    finally:
+        os.close(fd)
+
+
+def _store(fd: int, block: bytes, pos: int, held: int, part: Path) -> tuple[int, int]:
+    """Put ``block`` at byte ``pos`` of ``part`` (``held`` bytes long); returns the new (pos, held).
+    Bytes ``part`` already holds (sent again by a server that ignored ``Range``) are compared, not
+    rewritten, so such a server still makes progress; ``part`` is cut where they first differ (a
+    stale part of another file)."""
+    if pos < held:
+        n = min(len(block), held - pos)
+        if os.pread(fd, n, pos) == block[:n]:
+            pos, block = pos + n, block[n:]
+        else:
+            os.ftruncate(fd, pos)
+            held = pos
+    if block:
         try:
-            while block := resp.read1(_CHUNK):
-                f.write(block)
-                received += len(block)
-                bar.update(len(block))
-        except (OSError, http.client.HTTPException) as e:
-            raise _Transient(_reason(e), received) from None
-    return received
+            write_all(fd, block, pos)
+            fault_point("download", "part")
+        except OSError as e:
+            raise output_error(part, e) from None
+        pos += len(block)
+        held = max(held, pos)
+    return pos, held
 
 
 def hash_file(path: str | os.PathLike, algo: str, progress: bool = False) -> str:
@@ -312,56 +367,118 @@ def hash_file(path: str | os.PathLike, algo: str, progress: bool = False) -> str
     return h.hexdigest()
 
 
-def fetch(url: str, target: str | os.PathLike, checksum: str | None = None, size: int | None = None, *,
-          tries: int = 6, retry_delay: float = 1.0, timeout: float = 30.0, progress: bool = True) -> Path:
-    """Download ``url`` to ``target`` via ``target.part``, resuming, retrying and verifying.
+def _problem(path: Path, digest: tuple[str, str] | None, progress: bool) -> str | None:
+    """What is wrong with the archive in ``path`` (None: nothing): its checksum where one is known,
+    else whether it opens and its member list reads (``check_archive``)."""
+    if digest is not None:
+        algo, expected = digest
+        got = hash_file(path, algo, progress)
+        return None if got == expected else f"checksum mismatch: {algo} is {got}, expected {expected}"
+    try:
+        check_archive(path)
+    except CorruptArchive as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
 
-    An existing ``target`` is returned as is (only verified files get that name). Connection
-    errors, timeouts, early disconnects and 5xx answers are retried up to ``tries`` attempts in a
-    row that bring no data, waiting ``retry_delay`` seconds, doubled each time (at most 60 s).
-    The result must match the announced size, ``size`` and ``checksum`` where given; otherwise
-    the download is deleted and ``CaptionsError`` raised.
-    """
-    target = Path(target)
-    if target.is_file():
-        return target
-    algo_digest = parse_checksum(checksum) if checksum else None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    failures, total = 0, None
+
+def _verify(part: Path, target: Path, total: int | None, size: int | None, digest: tuple[str, str] | None,
+            progress: bool) -> None:
+    """Check a finished transfer before it may take its final name. Short of the known size, or
+    not a whole archive when no size is known (a server that sends no length and hangs up early):
+    ``_Transient``, to resume. Wrong in any other way: ``part`` is deleted and ``CaptionsError``
+    raised."""
+    held = _held(part)
+    expected = total if total is not None else size
+    if expected is not None and held < expected:
+        raise _Transient(f"the transfer ended after {held} of {expected} bytes")
+    for want in (total, size):
+        if want is not None and held != want:
+            part.unlink(missing_ok=True)
+            raise CaptionsError(f"size mismatch: got {held} bytes, expected {want}; the download was "
+                                "deleted, run again to fetch it afresh", target)
+    problem = _problem(part, digest, progress)
+    if problem is None:
+        return
+    if expected is None:
+        raise _Transient(f"{problem}: the server sent no length, so the transfer may have ended early",
+                         suspect=True)
+    part.unlink(missing_ok=True)
+    raise CaptionsError(f"{problem}; the corrupt download was deleted, run again to fetch it afresh", target)
+
+
+def _transfer(url: str, part: Path, target: Path, size: int | None, digest: tuple[str, str] | None, *,
+              tries: int, retry_delay: float, timeout: float, progress: bool) -> None:
+    """Request ``url`` into ``part`` until it verifies (``_verify``). Every retry path counts
+    toward ``tries`` attempts in a row that leave ``part`` no longer than before; a server that
+    ignores ``Range`` and hangs up early therefore ends in ``CaptionsError`` after ``tries``
+    requests (a suspect ``part`` deleted), not in a loop."""
+    failures, best = 0, _held(part)
     with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
               disable=not progress) as bar:
         while True:
             try:
                 total = _attempt(url, part, size, timeout, bar)
-                break
+                _verify(part, target, total, size, digest, progress)
+                return
             except _Transient as e:
-                failures = 1 if e.received else failures + 1  # an attempt that got data starts a new count
+                held = _held(part)
+                failures = 1 if held > best else failures + 1  # an attempt that got further starts a new count
+                best = max(best, held)
                 if failures >= tries:
+                    if e.suspect:
+                        part.unlink(missing_ok=True)
                     raise CaptionsError(f"cannot download {url}: {e} (gave up after {failures} "
-                                        f"{'try' if failures == 1 else 'tries'})") from None
+                                        f"{'try' if failures == 1 else 'tries'} without progress)") from None
                 delay = min(retry_delay * 2 ** (failures - 1), MAX_DELAY)
                 log.debug("%s: %s; retry %d/%d in %.1f s", url, e, failures, tries - 1, delay)
                 bar.set_postfix_str(f"{e}; retry {failures}/{tries - 1} in {delay:.0f} s", refresh=True)
                 time.sleep(delay)
-        bar.set_postfix_str("")
 
-    actual = part.stat().st_size if part.exists() else 0
-    for expected in (total, size):
-        if expected is not None and actual != expected:
-            part.unlink(missing_ok=True)
-            raise CaptionsError(f"size mismatch: got {actual} bytes, expected {expected}; the download was "
-                                "deleted, run again to fetch it afresh", target)
-    if algo_digest is not None:
-        algo, digest = algo_digest
-        got = hash_file(part, algo, progress)
-        if got != digest:
-            part.unlink()
-            raise CaptionsError(f"checksum mismatch: {algo} is {got}, expected {digest}; the corrupt download "
-                                "was deleted, run again to fetch it afresh", target)
-    else:
-        log.debug("%s: no published checksum; size verified against Content-Length", target)
-    os.replace(part, target)
+
+def _whole_final(target: Path, size: int | None, digest: tuple[str, str] | None, progress: bool) -> bool:
+    """Whether the archive already under its final name is whole (its size, checksum or member
+    list). One that is not is reported in one line and deleted, to be fetched again."""
+    held = target.stat().st_size
+    problem = f"{held} bytes, expected {size}" if size is not None and held != size else \
+        _problem(target, digest, progress)
+    if problem is None:
+        return True
+    log.warning("%s: %s; fetching it again", target, problem)
+    target.unlink()
+    return False
+
+
+def fetch(url: str, target: str | os.PathLike, checksum: str | None = None, size: int | None = None, *,
+          tries: int = 6, retry_delay: float = 1.0, timeout: float = 30.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``target`` via ``target.part``, resuming, retrying and verifying.
+
+    An existing ``target`` is verified (size, checksum or member list) and kept when whole, else
+    reported and fetched again. Connection errors, timeouts, early disconnects and 5xx answers are
+    retried up to ``tries`` attempts in a row that bring no new data, waiting ``retry_delay``
+    seconds, doubled each time (at most 60 s). The download must match the announced size,
+    ``size`` and ``checksum`` where given, and otherwise be a whole zip or tar archive
+    (``check_archive``) before it is flushed to the disk and renamed to ``target``; a bad one is
+    deleted and ``CaptionsError`` raised. ``OutputError`` names the path when the disk is full
+    or read-only.
+    """
+    target = Path(target)
+    digest = parse_checksum(checksum) if checksum else None
+    if target.exists() and _whole_final(target, size, digest, progress):
+        return target
+    part = target.with_name(target.name + ".part")
+    with writing(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    _transfer(url, part, target, size, digest, tries=tries, retry_delay=retry_delay, timeout=timeout,
+              progress=progress)
+    with writing(target):
+        fd = os.open(part, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fault_point("download", "archive-tmp")
+        os.replace(part, target)
+    fault_point("download", "archive")
     return target
 
 
@@ -401,36 +518,66 @@ def download_dataset(archives: Iterable[Archive | Sequence[Any]], dest: str | os
 
     ``archives`` are ``Archive`` objects or ``(url, filename, checksum[, size[, extract_to]])``
     tuples. Archives are stored in ``dest/archives`` (deleted after extraction unless
-    ``keep_archives``); markers in ``dest/.captions-download``.
+    ``keep_archives``); markers in ``dest/.captions-download``. The run holds ``dest/.download.lock``
+    throughout: a second download into ``dest`` is refused (``CaptionsError`` naming the lock and
+    its holder). An archive found corrupt while it is extracted (a member's CRC) is deleted and
+    fetched once more. ``OutputError`` names the path when ``dest`` is full or read-only.
     """
     dest = Path(dest)
     items = [as_archive(a) for a in archives]
     if not items:
         raise CaptionsError("nothing to download")
-    report = DownloadReport(dest)
-    for a in items:
-        if is_done(dest, a):
-            report.skipped.append(a.filename)
-            continue
-        path = dest / ARCHIVE_DIR / a.filename
-        log.debug("%s: fetching %s", path, a.url)
-        fetch(a.url, path, a.checksum, a.size, tries=tries, retry_delay=retry_delay, timeout=timeout,
-              progress=progress)
-        need, free = archive_size(path), free_space(dest)
-        if need > free:
-            log.warning("%s: extracting needs up to %d bytes but only %d are free", path, need, free)
-        try:
-            extract_archive(path, dest / a.extract_to, progress=progress)
-        except OSError as e:
-            raise CaptionsError(f"extraction failed: {_reason(e)}", path) from None
-        write_json_atomic(marker_path(dest, a), {
-            "file": a.filename, "url": a.url, "size": path.stat().st_size,
-            "checksum": a.checksum or "none published; size verified against Content-Length",
-            "extracted_to": a.extract_to,
-        })
-        if not keep_archives:
-            path.unlink()
-        report.done.append(a.filename)
-    if not keep_archives and (dest / ARCHIVE_DIR).is_dir() and not any((dest / ARCHIVE_DIR).iterdir()):
-        (dest / ARCHIVE_DIR).rmdir()
+    net = {"tries": tries, "retry_delay": retry_delay, "timeout": timeout, "progress": progress}
+    with folder_lock(dest, "download", "--dest"):
+        remove_stale_temporaries(dest / STATE_DIR)  # a marker a killed run was writing (we hold the lock)
+        report = DownloadReport(dest)
+        for a in items:
+            if is_done(dest, a):
+                report.skipped.append(a.filename)
+                continue
+            path = _fetch_and_extract(a, dest, net)
+            _mark_done(dest, a, path.stat().st_size)
+            if not keep_archives:
+                path.unlink()
+            report.done.append(a.filename)
+        if not keep_archives and (dest / ARCHIVE_DIR).is_dir() and not any((dest / ARCHIVE_DIR).iterdir()):
+            (dest / ARCHIVE_DIR).rmdir()
     return report
+
+
+def _fetch_and_extract(a: Archive, dest: Path, net: dict[str, Any]) -> Path:
+    """Fetch ``a`` into ``dest/archives`` and extract it; returns the archive's path. An archive
+    that extraction finds corrupt is deleted and fetched once more."""
+    path = dest / ARCHIVE_DIR / a.filename
+    try:
+        _fetch_extract_once(a, path, dest, net)
+    except CorruptArchive as e:
+        path.unlink(missing_ok=True)
+        log.warning("%s; deleted it, fetching it again", e)
+        try:
+            _fetch_extract_once(a, path, dest, net)
+        except CorruptArchive as again:
+            path.unlink(missing_ok=True)
+            raise CaptionsError(f"{again}; corrupt again when fetched a second time, deleted") from None
+    return path
+
+
+def _fetch_extract_once(a: Archive, path: Path, dest: Path, net: dict[str, Any]) -> None:
+    log.debug("%s: fetching %s", path, a.url)
+    fetch(a.url, path, a.checksum, a.size, **net)
+    need, free = archive_size(path), free_space(dest)
+    if need > free:
+        log.warning("%s: extracting needs up to %d bytes but only %d are free", path, need, free)
+    extract_archive(path, dest / a.extract_to, progress=net["progress"])
+
+
+def _mark_done(dest: Path, a: Archive, size: int) -> None:
+    """Write the completion marker of ``a``, after everything extracted is on the disk: it is what a
+    re-run trusts."""
+    with writing(dest):
+        sync_filesystem(dest)
+    marker = {"file": a.filename, "url": a.url, "size": size,
+              "checksum": a.checksum or "none published; size verified against Content-Length",
+              "extracted_to": a.extract_to}
+    write_bytes_atomic(marker_path(dest, a), (json.dumps(marker, indent=2) + "\n").encode(),
+                       fault=("download", "marker"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,10 +17,23 @@ import numpy as np
 from captions.data import FORMATS, ImageRecord, read_coco, read_csv_table, read_flickr8k, read_karpathy
 from captions.data.records import DROP_IMAGE_SKIPPED, SPLITS, Records
 from captions.errors import CaptionsError
-from captions.fsutil import atomic_path, sha256_file, sha256_json, text_codec, write_json_atomic
+from captions.fsutil import (
+    atomic_path,
+    fault_point,
+    folder_lock,
+    remove_stale_temporaries,
+    sha256_file,
+    sha256_json,
+    sync_filesystem,
+    text_codec,
+    write_bytes_atomic,
+    write_json_atomic,
+    writing,
+)
 from captions.pipeline.prepared import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 from captions.pipeline.resize import resize_all, source_identity, store_name
 from captions.pipeline.settings import PrepareOptions
+from captions.pipeline.subword import build_vocabulary, tokenizer_identity
 from captions.pipeline.tokenize import Tokenizer, get_tokenizer
 from captions.pipeline.vocab import Vocabulary
 
@@ -145,7 +159,8 @@ def _fingerprint(job: _Job) -> None:
     """Hash the sources and everything else that changes the output into ``job``."""
     job.source_info = [{"path": str(s.resolve()), "sha256": sha256_file(s)} for s in job.sources]
     job.fingerprint = sha256_json({"format": job.fmt, "sources": [s["sha256"] for s in job.source_info],
-                                   "images": job.images_resolved, **asdict(job.opts)})
+                                   "images": job.images_resolved, **job.opts.identity(),
+                                   **tokenizer_identity(job.opts.tokenizer)})
 
 
 def _usable_records(job: _Job, tokenize: Tokenizer, workers: int, progress: bool) -> tuple[Cleaned, int]:
@@ -164,9 +179,14 @@ def _usable_records(job: _Job, tokenize: Tokenizer, workers: int, progress: bool
                         "empty" if reason == DROP_EMPTY else "no words (only punctuation or symbols)")
 
     store = job.out / "images"
-    store.mkdir(parents=True, exist_ok=True)
+    with writing(store):
+        store.mkdir(parents=True, exist_ok=True)
+    for folder in (job.out, store):  # what a killed run left half-written (we hold the lock: none is in use)
+        remove_stale_temporaries(folder)
     pairs = [(r.path, store / store_name(r.name)) for r in cleaned.records]
-    write_json_atomic(job.out / SOURCES_INDEX, [[str(src), source_identity(src)] for src, _ in pairs])
+    with writing(job.out / SOURCES_INDEX):
+        write_json_atomic(job.out / SOURCES_INDEX, [[str(src), source_identity(src)] for src, _ in pairs])
+    fault_point("prepare", "sources")
     reasons = resize_all(pairs, job.opts.image_size, workers=workers, progress=progress,
                          max_pixels=job.opts.max_pixels)
     usable = Cleaned(skipped=cleaned.skipped, dropped=cleaned.dropped)
@@ -228,11 +248,16 @@ def _write_dataset(out: Path, usable: list[ImageRecord], tokens: list[list[list[
          "captions": r.captions, "tokens": ts}
         for i, (r, ts) in enumerate(zip(usable, tokens, strict=True))
     ]}
-    write_json_atomic(out / "annotations.json", ann)
-    with atomic_path(out / "captions.npz") as tmp:
+    with writing(out / "annotations.json"):
+        write_json_atomic(out / "annotations.json", ann)
+    fault_point("prepare", "annotations")
+    with writing(out / "captions.npz"), atomic_path(out / "captions.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, captions=captions, image_ids=image_ids_arr)
-    vocab.save(out / "vocab.json")
+    fault_point("prepare", "captions")
+    with writing(out / "vocab.json"):
+        vocab.save(out / "vocab.json")
+    fault_point("prepare", "vocab")
     return image_ids
 
 
@@ -296,15 +321,31 @@ def prepare(
     (keeping the resized images whose source file is unchanged). Raises ``CaptionsError`` for a
     missing source or images folder, an unknown format, tokenizer or encoding, a structural fault
     in a source (naming the file, entry and key), an ``out`` of another format version, or when
-    no usable training image is left.
+    no usable training image is left; ``CaptionsError`` naming the lock ``out/.prepare.lock`` and
+    its holder when another ``prepare`` writes into ``out``; ``OutputError`` naming the path and
+    the system's reason when ``out`` cannot be written (full, read-only): no manifest is written
+    then, and no resized image is ever left truncated under its final name.
     """
     opts = options or PrepareOptions()
     tokenize = get_tokenizer(opts.tokenizer, opts.lang)  # fail on a bad tokenizer before any work
     text_codec(opts.encoding)  # and on an unknown encoding
     out = Path(out)
     src_paths, images_root = _checked_inputs(sources, images)
+    with prepare_lock(out):
+        return _prepare_locked(_Job(fmt, out, src_paths, images_root, opts), tokenize, workers, progress)
+
+
+def prepare_lock(out: Path) -> contextlib.AbstractContextManager[Path]:
+    """Create ``out`` and hold its lock ``out/.prepare.lock`` (``folder_lock``) for the block: one
+    ``prepare`` at a time writes into a folder. ``CaptionsError`` when ``out`` is a file or another
+    process holds the lock; ``OutputError`` when ``out`` cannot be created or written."""
+    return folder_lock(out, "prepare")
+
+
+def _prepare_locked(job: _Job, tokenize: Tokenizer, workers: int, progress: bool) -> dict[str, Any]:
+    """``prepare`` once it holds the lock of ``job.out``: the manifest, existing or new."""
+    out, opts = job.out, job.opts
     existing = _checked_out(out)  # refuses another format version before the sources are hashed
-    job = _Job(fmt, out, src_paths, images_root, opts)
     _fingerprint(job)
     if _up_to_date(job, existing):
         log.info("%s: already prepared from the same sources and options; nothing to do", out)
@@ -314,11 +355,15 @@ def prepare(
 
     usable, read = _usable_records(job, tokenize, workers, progress)
     # the vocabulary sees training captions only, so val/test words stay unknown as in deployment
-    vocab = Vocabulary.build((t for r, ts in zip(usable.records, usable.tokens, strict=True) if r.split == "train"
-                              for t in ts), opts.min_count)
+    vocab = build_vocabulary((t for r, ts in zip(usable.records, usable.tokens, strict=True) if r.split == "train"
+                              for t in ts), opts, out)
     image_ids = _write_dataset(out, usable.records, usable.tokens, vocab, opts.max_length)
     manifest = _manifest(job, vocab, usable, image_ids, read)
-    write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks the directory complete
+    with writing(out):
+        sync_filesystem(out)  # every file on the disk before the manifest: no crash can order it first
+    # last: its presence marks the directory complete
+    write_bytes_atomic(out / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode(),
+                       fault=("prepare", "manifest"))
     return manifest
 
 
@@ -345,11 +390,13 @@ def prepare_synthetic(out: str | Path, n_train: int = 1200, n_val: int = 150, n_
     opts = options or PrepareOptions(min_count=1, image_size=128)
     if n_train < 1 or n_val < 0 or n_test < 0:
         raise CaptionsError(f"image counts must be train >= 1, val >= 0, test >= 0; got {n_train},{n_val},{n_test}")
-    get_tokenizer(opts.tokenizer, opts.lang)
+    tokenize = get_tokenizer(opts.tokenizer, opts.lang)
     text_codec(opts.encoding)
     _checked_out(out)
-    sources = generate_synthetic(out / "source", n_train, n_val, n_test, seed=seed)
-    return prepare("coco", sources, out, images=out / "source", options=opts, workers=workers, progress=progress)
+    with prepare_lock(out):  # held from the generation on: it writes into out too
+        sources = generate_synthetic(out / "source", n_train, n_val, n_test, seed=seed)
+        src_paths, images_root = _checked_inputs(sources, out / "source")
+        return _prepare_locked(_Job("coco", out, src_paths, images_root, opts), tokenize, workers, progress)
 
 
 def default_workers() -> int:

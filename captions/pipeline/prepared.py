@@ -3,7 +3,8 @@
 Layout of ``DIR``::
 
     manifest.json     written last: its presence means the directory is complete
-    vocab.json        idx_to_token, token_to_idx, hash
+    vocab.json        idx_to_token, token_to_idx, hash (and for subwords: tokenizer kind, file, sha256)
+    tokenizer.json    subword vocabularies only: the Hugging Face tokenizer that encoded the captions
     annotations.json  images: id, name, file (in images/), split, raw captions, tokens
     captions.npz      captions (M, max_length+2) int32, image_ids (M,) int32
     images/           resized JPEGs (image_size x image_size, RGB; the comment names the source file)
@@ -93,7 +94,8 @@ class PreparedDataset:
         return np.nonzero(in_split[self.image_ids])[0]
 
     def references(self, split: str) -> dict[int, list[str]]:
-        """image id -> its reference captions as space-joined tokens (all of them, unclamped)."""
+        """image id -> its reference captions as space-joined words (all of them, unclamped; the
+        word tokenizer's words also for a subword vocabulary, whose decoded captions are words)."""
         return {im["id"]: [" ".join(t) for t in im["tokens"]] for im in self.images if im["split"] == split}
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, ImageOps
 
-from captions.fsutil import atomic_path
+from captions.fsutil import write_bytes_atomic
 from captions.pipeline.settings import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO
 
 log = logging.getLogger("captions")
@@ -113,12 +116,25 @@ def source_identity(src: str | os.PathLike) -> str | None:
 
 
 def _finished(dst: str, size: int, identity: str | None) -> bool:
-    """True when ``dst`` is a resized copy of the right size made from the source ``identity``."""
+    """True when ``dst`` is a whole resized copy of the right size made from the source
+    ``identity``: it must end with the JPEG end-of-image marker and its data must decode to the
+    end (a file cut short by a full disk or a crash, under whatever name, is redone; its header
+    alone would pass). The decode is at 1/8 scale: every coefficient is still read, at about 70%
+    of the cost (0.44 ms instead of 0.61 ms for a 256 x 256 copy)."""
+    if identity is None:
+        return False
     try:
-        with open_image(dst) as done:
-            comment = done.info.get("comment", b"")
-            return done.size == (size, size) and identity is not None and comment == identity.encode()
-    except OSError:
+        with open(dst, "rb") as f:
+            data = f.read()
+        if not data.endswith(b"\xff\xd9"):
+            return False
+        with open_image(io.BytesIO(data), formats=("JPEG",)) as done:
+            if done.size != (size, size) or done.info.get("comment", b"") != identity.encode():
+                return False
+            done.draft("RGB", (max(size // 8, 1), max(size // 8, 1)))
+            done.load()  # raises for truncated or corrupt data
+        return True
+    except (OSError, SyntaxError, ValueError):
         return False  # absent, or an unreadable leftover: redo it
 
 
@@ -126,7 +142,13 @@ def resize_one(src: str, dst: str, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     """Resize ``src`` into ``dst`` unless a finished ``dst`` of the right size, made from the same
     source file (path, size, modification time: kept in the JPEG's comment), exists.
 
-    Returns None on success, else a one-line reason the image was skipped.
+    The JPEG is encoded in memory and written with ``write_bytes_atomic`` (a temporary name, every
+    byte or ``OSError``, a rename; PIL writing to the file itself leaves a short write unnoticed),
+    so ``dst`` is whole or absent. It is not flushed to the disk one by one (``fsync`` doubled the
+    time of a resize): ``prepare`` flushes the whole folder once before its manifest, and a copy a
+    crash left incomplete fails ``_finished`` and is redone. Returns None on success, else a
+    one-line reason the image was skipped; raises ``OutputError`` naming ``dst`` when it cannot be
+    written (a full disk, a read-only folder).
     """
     identity = source_identity(src)
     if os.path.exists(dst) and _finished(dst, size, identity):
@@ -141,8 +163,9 @@ def resize_one(src: str, dst: str, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         return f"image refused ({e})"
     except Exception as e:  # PIL raises many types for corrupt data; any of them means "skip this image"
         return f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
-    with atomic_path(dst) as tmp:
-        img.save(tmp, format="JPEG", quality=quality, comment=identity)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, comment=identity)
+    write_bytes_atomic(dst, buf.getvalue(), fsync=False, fault=("prepare", "image"))
     return None
 
 
@@ -154,15 +177,33 @@ def resize_all(
 
     Returns, for each pair in order, None when the resized copy is ready or the skip reason.
     Finished files made from the same source files are kept, so an interrupted run resumes where
-    it stopped; a source that changed (or moved) is resized again.
+    it stopped; a source that changed (or moved) is resized again. The worker processes end with
+    this one, even when it is killed (``exit_with_parent``). Raises ``OutputError`` when a copy
+    cannot be written.
     """
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
     jobs = [delayed(resize_one)(str(src), str(dst), size, max_pixels) for src, dst in pairs]
     n_jobs = workers if workers and workers > 0 else (os.cpu_count() or 1)
     if n_jobs == 1 or len(jobs) < 8:
-        results_iter = (fn(*args, **kw) for fn, args, kw in jobs)
-    else:
+        return list(tqdm((fn(*args, **kw) for fn, args, kw in jobs), total=len(jobs), desc="resize", unit="img",
+                         disable=not progress))
+    # loky's workers, each watching for the death of this process (the initializer)
+    with parallel_config(backend="loky", initializer=exit_with_parent, initargs=(os.getpid(),)):
         results_iter = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=16)(jobs)
-    return list(tqdm(results_iter, total=len(jobs), desc="resize", unit="img", disable=not progress))
+        return list(tqdm(results_iter, total=len(jobs), desc="resize", unit="img", disable=not progress))
+
+
+def exit_with_parent(parent: int, interval: float = 0.2) -> None:
+    """Worker initializer: end this worker process (``os._exit``, at once, busy or idle) when
+    process ``parent``, which started it, is gone. joblib's (loky's) workers wait for work up to
+    300 s and finish the batches they hold, so after a killed ``prepare`` they ran on for over a
+    minute. The parent's death shows as another parent pid (the orphan is adopted), checked every
+    ``interval`` seconds by a daemon thread; also when it died while this worker was starting."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -1,4 +1,6 @@
-"""Tokenizers: ``simple`` (built-in, fast, Unicode-aware), ``nltk`` (Treebank) and ``spacy`` (blank)."""
+"""Tokenizers: ``simple`` (built-in, fast, Unicode-aware), ``nltk`` (Treebank) and ``spacy`` (blank)
+split captions into words; ``wordpiece``, ``bpe`` and ``hf:PATH`` split ``simple``'s words further
+into subword pieces (``captions.pipeline.subword``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Callable
 
 from captions.errors import CaptionsError
 
-TOKENIZERS = ("simple", "nltk", "spacy")
+TOKENIZERS = ("simple", "nltk", "spacy", "wordpiece", "bpe", "hf:PATH")
 Tokenizer = Callable[[str], list[str]]
 
 # Letters, digits and combining marks; apostrophes inside words are kept ("don't").
@@ -53,7 +55,17 @@ def _spacy_tokenizer(lang: str) -> Tokenizer:
 
 
 def get_tokenizer(name: str, lang: str = "en") -> Tokenizer:
-    """Return a function ``str -> list[str]`` for tokenizer ``name`` (one of ``TOKENIZERS``)."""
+    """Return the function ``str -> list[str]`` that splits captions into words for tokenizer
+    ``name`` (one of ``TOKENIZERS``): subword tokenizers split ``simple_tokenize``'s words. The
+    file of ``hf:PATH`` is loaded and checked here, so that a bad one is refused before any work.
+    Raises ``CaptionsError`` for an unknown name or an unusable ``hf:`` file."""
+    from captions.pipeline.subword import hf_path, is_subword, load_hf
+
+    if is_subword(name):
+        path = hf_path(name)
+        if path is not None:
+            load_hf(path)
+        return simple_tokenize
     if name == "simple":
         return simple_tokenize
     if name == "nltk":

@@ -13,7 +13,7 @@ from captions.cider import CiderD
 from captions.generation import sample_captions
 from captions.models.base import CaptionDecoder
 from captions.pipeline.prepared import PreparedDataset
-from captions.pipeline.vocab import END, NULL_ID
+from captions.pipeline.vocab import END, NULL_ID, join_pieces
 
 
 def train_references(ds: PreparedDataset, image_ids: np.ndarray) -> CiderD:
@@ -40,7 +40,7 @@ def self_critical_loss(model: CaptionDecoder, feats: torch.Tensor, image_ids: np
     rows = tokens.cpu().numpy()
     rewards = np.empty(len(rows))
     for r, (seq, image) in enumerate(zip(rows, np.repeat(image_ids, k), strict=True)):
-        words = [idx_to_token[t] for t in seq if t != NULL_ID]  # <END> included
+        words = join_pieces([idx_to_token[t] for t in seq if t != NULL_ID])  # <END> included; subwords joined
         rewards[r] = cider.score(int(image), words)
     per_image = rewards.reshape(-1, k)
     baseline = (per_image.sum(1, keepdims=True) - per_image) / max(k - 1, 1)

@@ -22,6 +22,7 @@ from captions.features.spec import FeatureSpec
 from captions.models.checkpoint import build_decoder, load_checkpoint, save_checkpoint
 from captions.models.registry import decoder_config
 from captions.pipeline.prepared import PreparedDataset, load_prepared
+from captions.trainer.commit import repair
 from captions.trainer.config import TrainConfig
 from captions.trainer.control import ema_update, rng_state, set_rng_state, train_precision
 from captions.trainer.data import FeatureStore, epoch_batches
@@ -63,18 +64,26 @@ def resumed_config(stored: TrainConfig, cfg: TrainConfig, given: Collection[str]
 def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig, resume: bool,
                  given: Collection[str] | None = None) -> tuple[dict[str, Any] | None, TrainConfig]:
     """The checkpoint to continue from (None: a new run) and the config to run with (on resume,
-    ``resumed_config``). Raises ``CaptionsError`` when ``out`` holds a run and ``resume`` is off,
-    or the run was trained on another dataset or other features, or a setting may not change."""
-    last = out / "last.pt"
+    ``resumed_config``). On rank 0 it first brings ``out`` back to its last committed epoch
+    (``captions.trainer.commit.repair``). Raises ``CaptionsError`` when ``out`` holds a run and
+    ``resume`` is off, or the run was trained on another dataset or other features, or a setting
+    may not change."""
+    last, main = out / "last.pt", int(os.environ.get("RANK", 0)) == 0
     if not resume:
         if last.exists():
             raise CaptionsError("already holds a training run; pass --resume to continue it, or choose another "
                                 "--out", out)
+        if main:
+            repair(out, None)
         return None, cfg
     if not last.exists():
         log.info("nothing to resume in %s; starting a new run", out)
+        if main:
+            repair(out, None)
         return None, cfg
     ckpt = load_checkpoint(last)
+    if main:  # before anything reads best.pt, scst_start.pt or metrics.jsonl
+        repair(out, ckpt)
     if ckpt["vocab"]["hash"] != ds.vocab.hash:
         raise CaptionsError(f"checkpoint vocabulary (hash {ckpt['vocab']['hash'][:12]}) differs from the "
                             f"dataset's ({ds.vocab.hash[:12]}): it was trained on another prepared dataset", last)

@@ -18,8 +18,10 @@ class TrainState:
     CIDEr (``{"CIDEr": -1, "epoch": -1}`` before any); ``bad_epochs``: epochs since it improved;
     ``lowest_val_loss``: (epoch, loss) of the lowest cross-entropy val loss; ``scst_from``: the
     global step where self-critical training began (None before); ``early_stopped``: the run is
-    over; ``epoch_progress``: the statistics of the epoch so far. The keys of ``state_dict`` are the
-    checkpoint's own (format version 1).
+    over; ``epoch_progress``: the statistics of the epoch so far; ``metrics_bytes``: the length of
+    metrics.jsonl with the rows of the finished epochs (None in checkpoints from before it was
+    recorded), so that a resumed run drops rows an uncommitted epoch appended. The keys of
+    ``state_dict`` are the checkpoint's own (format version 1).
     """
 
     epoch: int = 0
@@ -32,6 +34,7 @@ class TrainState:
     # the unfinished epoch's running loss, captions, rewards and seconds, so that a resumed epoch
     # logs what an uninterrupted one would
     epoch_progress: dict[str, Any] = field(default_factory=dict)
+    metrics_bytes: int | None = 0
 
     def phase(self, scst_epoch: int) -> str:
         """The phase of the current epoch: self-critical from epoch index ``scst_epoch`` on."""
@@ -41,13 +44,15 @@ class TrainState:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "best": dict(self.best),
                 "bad_epochs": self.bad_epochs, "lowest_val_loss": list(self.lowest_val_loss),
                 "scst_from": self.scst_from, "early_stopped": self.early_stopped,
-                "epoch_progress": dict(self.epoch_progress)}
+                "epoch_progress": dict(self.epoch_progress), "metrics_bytes": self.metrics_bytes}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore from a checkpoint (older ones lack lowest_val_loss, scst_from, early_stopped)."""
+        """Restore from a checkpoint (older ones lack lowest_val_loss, scst_from, early_stopped,
+        epoch_progress, metrics_bytes)."""
         self.epoch, self.step_in_epoch = int(d["epoch"]), int(d["step_in_epoch"])
         self.best, self.bad_epochs = dict(d["best"]), int(d["bad_epochs"])
         self.lowest_val_loss = tuple(d.get("lowest_val_loss", (-1, math.inf)))  # type: ignore[assignment]
         self.scst_from = d.get("scst_from")
         self.early_stopped = bool(d.get("early_stopped", False))
         self.epoch_progress = dict(d.get("epoch_progress") or {})
+        self.metrics_bytes = d.get("metrics_bytes")

@@ -7,7 +7,6 @@ pure ``decide`` step: best epoch, early stopping, phase switch; then the epoch's
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,11 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
 from captions.distributed import average_gradients, leave
-from captions.errors import CaptionsError
+from captions.errors import OutputError, output_error
+from captions.fsutil import fault_point, folder_lock, write_json_atomic
+from captions.models.checkpoint import save_checkpoint
 from captions.runtime import retained_heap
+from captions.trainer.commit import RESUME_HINT, append_row, apply_staged, staging_dir
 from captions.trainer.config import TrainConfig
 from captions.trainer.control import StopFlag, TrainingInterrupted
 from captions.trainer.data import images_of_batch
@@ -83,40 +84,35 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     one it created is destroyed when training finishes.
 
     Raises ``CaptionsError`` for unusable inputs (another dataset, other features, a run already
-    in ``out_dir`` without ``resume``, another run writing ``out_dir`` now) and
-    ``TrainingInterrupted`` after Ctrl-C (checkpoint saved).
+    in ``out_dir`` without ``resume``, another run writing ``out_dir`` now), ``OutputError`` (one
+    line: the file, the system's reason) when a file cannot be written (the committed epochs are
+    kept: ``--resume`` continues) and ``TrainingInterrupted`` after Ctrl-C (checkpoint saved).
     """
     with run_lock(Path(out_dir)):
-        run, finished = TrainingRun.open(data_dir, features, out_dir, cfg or TrainConfig(), resume, given)
-        if run is None:
-            return finished
-        return run_training(run, progress, step_callback)
+        try:
+            run, finished = TrainingRun.open(data_dir, features, out_dir, cfg or TrainConfig(), resume, given)
+            if run is None:
+                return finished
+            return run_training(run, progress, step_callback)
+        except OutputError as e:  # a full or read-only disk: what was committed stays, the rest is redone
+            raise OutputError(f"{e}; {RESUME_HINT}") from None
 
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.train.lock`` (the ``filelock`` library: an OS file lock, released even when the
-    process is killed) for the whole run, on rank 0; a second run into ``out`` is refused in one
-    line naming the holder's pid. A run directory this call created and left empty is removed."""
+    """Hold ``out/.train.lock`` (``captions.fsutil.folder_lock``: an OS file lock, released even
+    when the process is killed) for the whole run, on rank 0; a second run into ``out`` is refused
+    in one line naming the lock and its holder. A run directory this call created and left empty
+    is removed. Raises ``OutputError`` when ``out`` cannot be created (a read-only folder)."""
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock, holder = FileLock(out / ".train.lock"), out / ".train.lock.pid"
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        pid = holder.read_text().strip() if holder.exists() else "?"
-        raise CaptionsError(f"another 'captions train' (pid {pid}) holds {out / '.train.lock'}: wait for it or "
-                            f"choose another --out", out) from None
-    holder.write_text(f"{os.getpid()}\n")
-    try:
-        yield
+        with folder_lock(out, "train"):
+            yield
     finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
-        if created and not any(p.name != ".train.lock" for p in out.iterdir()):
+        if created and out.is_dir() and not any(p.name != ".train.lock" for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)
 
 
@@ -124,7 +120,11 @@ def run_training(run: TrainingRun, progress: bool = True,
                  step_callback: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The epochs of an opened run, then its clean-up; returns ``run.result()``."""
     if run.dist.is_main:
-        (run.out / "config.json").write_text(json.dumps(run.cfg.resolved(), indent=2) + "\n", encoding="utf-8")
+        try:
+            write_json_atomic(run.out / "config.json", run.cfg.resolved())
+        except OSError as e:
+            raise output_error(run.out / "config.json", e) from None
+        fault_point("train", "config")
     writer = tensorboard_writer(run.out) if run.dist.is_main else None
     run.model.train()
     with StopFlag() as flag, retained_heap() if run.device.type == "cpu" else nullcontext():
@@ -172,6 +172,7 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
             state.epoch_progress = asdict(stats)
             if run.dist.is_main:
                 run.save("last.pt")
+                fault_point("train", "checkpoint")
             if flag.stop:
                 bar.close()
                 raise TrainingInterrupted(f"interrupted at epoch {state.epoch + 1}, step {k + 1}; saved "
@@ -271,17 +272,30 @@ def end_of_epoch(run: TrainingRun, phase: Phase, stats: EpochStats, writer=None)
 
 
 def commit_epoch(run: TrainingRun, row: dict[str, Any], d: EpochDecision, writer=None) -> None:
-    """Write the epoch's checkpoints (last.pt; best.pt and scst_start.pt when it is theirs), its
-    metrics row (and TensorBoard scalars) and its log lines."""
-    cfg, ckpt = run.cfg, run.checkpoint()
-    run.save("last.pt", ckpt)
-    if d.improved:
-        run.save("best.pt", ckpt)
-    if d.lower_loss and cfg.scst_epochs > 0 and cfg.scst_start == "loss":
-        run.save(SCST_START, ckpt)
+    """Write the epoch's outputs as one commit (``captions.trainer.commit``): its metrics row,
+    best.pt and scst_start.pt when the epoch is theirs (staged), then last.pt, which commits
+    them, then the staged files move into place; then TensorBoard scalars and the log lines. A
+    run killed before last.pt is written redoes the epoch on resume; one killed after it has the
+    moves finished. Raises ``OutputError`` when a file cannot be written (nothing is committed)."""
+    cfg, out = run.cfg, run.out
     samples = row.pop("samples", [])
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    run.state.metrics_bytes = append_row(out, row)
+    fault_point("train", "metrics")
+    ckpt = run.checkpoint()
+    staged = staging_dir(out, run.state.epoch)
+    for name, due in (("best.pt", d.improved),
+                      (SCST_START, d.lower_loss and cfg.scst_epochs > 0 and cfg.scst_start == "loss")):
+        if due:
+            save_checkpoint(staged / name, ckpt)
+            fault_point("train", "staged")
+    run.save("last.pt", ckpt)
+    fault_point("train", "commit")
+    apply_staged(out, staged)
+    report_epoch(run, row, d, samples, writer)
+
+
+def report_epoch(run: TrainingRun, row: dict[str, Any], d: EpochDecision, samples: list[str], writer=None) -> None:
+    """The committed epoch's TensorBoard scalars and log lines (metrics, val samples, early stop)."""
     if writer is not None:
         for key, v in row.items():
             if key != "epoch" and isinstance(v, float):
