@@ -579,3 +579,30 @@ def test_cli_unreachable_host_gives_one_clear_line(tmp_path):
     assert lines[0].startswith("Error: cannot download ")
     assert f"{mirror}/annotations/annotations_trainval2014.zip" in lines[0]
     assert "refused" in lines[0].lower() and "gave up after 2 tries" in lines[0]
+
+
+def test_members_named_like_control_files_or_temporaries_are_refused(tmp_path):
+    """An archive extracted into DEST cannot replace download's own lock, markers or archives, and a
+    member named like another member's temporary file cannot make that member vanish."""
+    for name in ("archives/Flickr8k_text.zip", ".captions-download/x.done", ".download.lock"):
+        zpath = tmp_path / "a.zip"
+        zpath.write_bytes(make_zip({"ok.txt": b"fine", name: b"forged"}))
+        with pytest.raises(CaptionsError, match="reserved for the download"):
+            extract_archive(zpath, tmp_path / "dest", progress=False, reserved=dl.CONTROL_NAMES)
+        assert not (tmp_path / "dest" / "ok.txt").exists()
+    zpath.write_bytes(make_zip({".x.extracting": b"first", "x": b"second"}))
+    with pytest.raises(CaptionsError, match="temporary"):
+        extract_archive(zpath, tmp_path / "dest2", progress=False)
+
+
+def test_a_link_where_download_writes_is_refused_before_anything_is_fetched(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("archives", ".captions-download", "Flickr8k_text"):
+        dest = tmp_path / f"dest-{name}"
+        dest.mkdir()
+        (dest / name).symlink_to(outside, target_is_directory=True)
+        a = Archive("http://127.0.0.1:9/never", "t.zip", None, None, "Flickr8k_text")
+        with pytest.raises(CaptionsError, match="is a link"):
+            download_dataset([a], dest, progress=False, tries=1)
+    assert list(outside.iterdir()) == []

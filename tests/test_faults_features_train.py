@@ -404,3 +404,20 @@ def test_a_second_writer_is_refused_in_one_line_naming_the_lock_and_holder(world
     else:
         assert code == 0 and ("already complete" in out or "stopped early" in out or "trained" in out), out
     check_resumed(world, stage, case)
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_is_one_error_naming_it(small_disk):
+    """Wherever the disk fills inside a checkpoint (torch's own zip writer would turn the OSError
+    into a RuntimeError), save_checkpoint raises one OutputError naming the file and leaves nothing."""
+    import torch
+
+    from captions.errors import OutputError
+    from captions.models.checkpoint import save_checkpoint
+
+    for size in (64 * 1024, 300 * 1024, 700 * 1024):
+        disk = small_disk(size)
+        if disk is None:
+            pytest.skip("cannot mount a tmpfs here (not root)")
+        with pytest.raises(OutputError, match=r"last\.pt: No space left on device"):
+            save_checkpoint(disk / "last.pt", {"weights": torch.zeros(300_000)})
+        assert list(disk.iterdir()) == []

@@ -303,3 +303,25 @@ def test_a_second_extraction_into_the_same_cache_is_refused_in_one_line(tmp_path
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert f"another 'captions extract-features' (pid {os.getpid()} on " in r.output
     assert f"holds {tmp_path / '.c.h5.lock'}" in r.output and not out.exists()
+
+
+def test_a_cache_whose_arrays_do_not_fit_together_is_refused_by_reader_and_extraction(tmp_path, prepared):
+    """A complete-looking cache edited by another tool (a row missing, chunk flags deleted) is
+    refused in one line by the reader and by a re-run of extract-features, never used."""
+    import h5py
+
+    opts = ExtractOptions(backbone="resnet18", weights="none", image_size=32, workers=0, chunk_rows=4)
+    out = extract_features(prepared, tmp_path / "c.h5", opts, progress=False)
+    with h5py.File(out, "r+") as f:
+        pooled = f["pooled"][:-1]
+        del f["pooled"]
+        f.create_dataset("pooled", data=pooled)
+    with pytest.raises(CaptionsError, match=r"c\.h5: damaged feature cache \(\d+ image ids but \d+ pooled rows\)"):
+        FeatureCache(out)
+    with pytest.raises(CaptionsError, match=r"c\.h5: is marked complete but damaged"):
+        extract_features(prepared, out, opts, progress=False)
+    out2 = extract_features(prepared, tmp_path / "d.h5", opts, progress=False)
+    with h5py.File(out2, "r+") as f:
+        del f["chunks_done"]
+    with pytest.raises(CaptionsError, match=r"d\.h5: damaged feature cache \(dataset\(s\) chunks_done missing\)"):
+        FeatureCache(out2)

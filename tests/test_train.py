@@ -616,3 +616,18 @@ def test_resume_drops_what_an_uncommitted_epoch_wrote(tmp_path, synth):
     assert [r["val_loss"] for r in rows] == pytest.approx([r["val_loss"] for r in want], rel=1e-6)
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
     assert load_checkpoint(run / "best.pt")["epoch"] == load_checkpoint(tmp_path / "full" / "best.pt")["epoch"]
+
+
+def test_a_finished_run_without_last_pt_is_refused_not_overwritten(tmp_path, synth):
+    """best.pt is only moved into place by an epoch's commit (last.pt): a run that lost last.pt
+    is refused, with or without --resume, and its best.pt is kept as it was."""
+    data, cache = synth
+    cfg = config(model="rnn", **{**TINY, "epochs": 1})
+    run = tmp_path / "run"
+    train(data, cache, run, cfg, progress=False)
+    (run / "last.pt").unlink()
+    best = (run / "best.pt").read_bytes()
+    for resume in (True, False):
+        with pytest.raises(CaptionsError, match="holds best.pt of a run but no last.pt"):
+            train(data, cache, run, cfg, resume=resume, progress=False)
+    assert (run / "best.pt").read_bytes() == best

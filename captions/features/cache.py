@@ -55,6 +55,30 @@ def unfinished_chunks(f) -> int:
     return int((~f["chunks_done"][:].astype(bool)).sum()) if "chunks_done" in f else 0
 
 
+def structure_problem(f) -> str | None:
+    """What is wrong with the arrays of a cache file ``f`` (an open ``h5py.File``), or None: every
+    dataset present, one row per image in each, ``spatial`` (N, P, C) and ``pooled`` (N, C) with
+    the recorded channels, and one ``chunks_done`` flag per chunk. A file edited by hand or
+    written by another tool can be marked complete and still break any of these."""
+    needed = ("image_ids", "names", "valid", "spatial", "pooled", "chunks_done")
+    absent = [k for k in needed if k not in f]
+    if absent:
+        return f"dataset(s) {', '.join(absent)} missing"
+    n = len(f["image_ids"])
+    rows = {k: f[k].shape[0] if f[k].shape else 0 for k in ("names", "valid", "spatial", "pooled")}
+    off = {k: r for k, r in rows.items() if r != n}
+    if off:
+        return f"{n} image ids but " + ", ".join(f"{r} {k} rows" for k, r in off.items())
+    channels = f.attrs.get("channels")
+    if len(f["spatial"].shape) != 3 or len(f["pooled"].shape) != 2 or \
+            (channels is not None and (f["spatial"].shape[2], f["pooled"].shape[1]) != (channels, channels)):
+        return f"spatial {f['spatial'].shape} / pooled {f['pooled'].shape} do not match {channels} channels"
+    chunk_rows = int(f.attrs.get("chunk_rows", 256))
+    if len(f["chunks_done"]) != -(-n // chunk_rows):
+        return f"{len(f['chunks_done'])} chunk flags for {n} rows of {chunk_rows}"
+    return None
+
+
 class FeatureCache:
     """Read a complete feature cache.
 
@@ -91,6 +115,9 @@ class FeatureCache:
         if missing:
             raise CaptionsError(f"feature cache is marked complete, yet {missing} of {len(f['chunks_done'])} chunks "
                                 f"were never written; re-run 'captions extract-features' to finish it", self.path)
+        problem = structure_problem(f)
+        if problem:
+            raise CaptionsError(f"damaged feature cache ({problem}); extract the features again", self.path)
         self.ids = f["image_ids"][:]
         self.names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in f["names"][:]]
         self.valid = f["valid"][:].astype(bool)

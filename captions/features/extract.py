@@ -24,7 +24,7 @@ import torch
 from captions.distributed import Distributed, barrier, join, leave
 from captions.errors import CaptionsError
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, spatial_shape_of
-from captions.features.cache import FORMAT_NAME, read_attrs, unfinished_chunks
+from captions.features.cache import FORMAT_NAME, read_attrs, structure_problem, unfinished_chunks
 from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import crop_batch, decode_images
 from captions.features.spec import FeatureSpec
@@ -218,6 +218,7 @@ def _existing_is_complete(out: Path, attrs: dict) -> bool:
     try:
         with h5py.File(out, "r") as f:
             old, missing = read_attrs(f), unfinished_chunks(f)
+            problem = structure_problem(f) if old.get("complete") else None
     except OSError as e:
         raise CaptionsError(f"exists but is not a readable HDF5 file ({' '.join(str(e).split())}); move it away "
                             f"first", out) from None
@@ -225,6 +226,8 @@ def _existing_is_complete(out: Path, attrs: dict) -> bool:
     if old.get("format") != FORMAT_NAME or diff:
         what = ", ".join(f"{k}={old.get(k)!r} (asked {attrs.get(k)!r})" for k in diff) or "not a feature cache"
         raise CaptionsError(f"exists with other settings: {what}; choose another --out or delete it", out)
+    if problem:
+        raise CaptionsError(f"is marked complete but damaged ({problem}); move it away and extract again", out)
     if old.get("complete") and not missing:
         log.info("%s: already complete for these settings; nothing to do", out)
         return True

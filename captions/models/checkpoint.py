@@ -12,6 +12,7 @@ Version 1 is the only format so far; checkpoints of every earlier release load.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -47,10 +48,12 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            # through a Python file, a failed write is an OSError with its errno (torch's own
-            # writer only says "file write failed")
+            # serialised in memory first: on a full disk torch's zip writer turns the OSError into a
+            # RuntimeError ("unexpected pos") on its way out; a plain file write keeps the errno
+            buf = io.BytesIO()
+            torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **ckpt}, buf)
             with open(tmp, "wb") as f:
-                torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **ckpt}, f)
+                f.write(buf.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             fault_point("checkpoint", "written")

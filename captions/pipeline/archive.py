@@ -26,7 +26,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -114,13 +114,24 @@ def _tar_members(tf: tarfile.TarFile, archive: Path) -> list[tuple[Member, tarfi
     return out
 
 
-def _validate(pairs: list, archive: Path) -> list:
-    """Check every member's name (see module docstring); drop junk and the root entry. Raises on the first bad one."""
+_TEMPORARY = re.compile(r"\..+\.extracting")
+
+
+def _validate(pairs: list, archive: Path, reserved: Collection[str] = ()) -> list:
+    """Check every member's name (see module docstring); drop junk and the root entry. Raises on the
+    first bad one: also a member named like extraction's temporary files (``.NAME.extracting``:
+    writing NAME would replace it) or, at the top level, one of ``reserved``."""
     kept = []
     for m, info in pairs:
         m.name = _check_name(m.raw_name, archive)
         if not m.name or any((m.name + "/").startswith(p) for p in SKIP_PREFIXES):
             continue
+        if _TEMPORARY.fullmatch(m.name.rpartition("/")[2]):
+            raise CaptionsError(f"refusing to extract member '{m.raw_name}': named like extraction's temporary "
+                                "files", archive)
+        if m.name.split("/")[0] in reserved:
+            raise CaptionsError(f"refusing to extract member '{m.raw_name}': '{m.name.split('/')[0]}' is "
+                                "reserved for the download's own files", archive)
         kept.append((m, info))
     return kept
 
@@ -269,11 +280,13 @@ def _is_zip(archive: Path) -> bool:
     return zipfile.is_zipfile(archive)
 
 
-def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progress: bool = True) -> int:
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
+                    reserved: Collection[str] = ()) -> int:
     """Extract a zip or tar (optionally gzip/bz2/xz-compressed) ``archive`` safely into ``dest``.
 
     All members are validated before the first one is written. Returns the number of members
     written; 0 means everything was already in place (a re-run after a complete extraction).
+    ``reserved``: top-level names no member may have (the caller's own files in ``dest``).
     Raises ``CaptionsError`` for unsafe members (naming the archive and the member) and unknown
     formats, ``CorruptArchive`` for an archive that does not open or read back, and ``OutputError``
     (naming the path and the system's reason) when ``dest`` cannot be written.
@@ -289,11 +302,11 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progres
     try:
         if _is_zip(archive):
             with zipfile.ZipFile(archive) as zf:
-                pairs = _validate(_zip_members(zf, archive), archive)
+                pairs = _validate(_zip_members(zf, archive), archive, reserved)
                 return _extract(pairs, dest, archive, zf.open, progress, desc)
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                pairs = _validate(_tar_members(tf, archive), archive)
+                pairs = _validate(_tar_members(tf, archive), archive, reserved)
 
                 def open_tar(info: tarfile.TarInfo) -> IO[bytes]:
                     f = tf.extractfile(info)

@@ -529,6 +529,7 @@ def download_dataset(archives: Iterable[Archive | Sequence[Any]], dest: str | os
         raise CaptionsError("nothing to download")
     net = {"tries": tries, "retry_delay": retry_delay, "timeout": timeout, "progress": progress}
     with folder_lock(dest, "download", "--dest"):
+        _refuse_links(dest, items)
         remove_stale_temporaries(dest / STATE_DIR)  # a marker a killed run was writing (we hold the lock)
         report = DownloadReport(dest)
         for a in items:
@@ -543,6 +544,25 @@ def download_dataset(archives: Iterable[Archive | Sequence[Any]], dest: str | os
         if not keep_archives and (dest / ARCHIVE_DIR).is_dir() and not any((dest / ARCHIVE_DIR).iterdir()):
             (dest / ARCHIVE_DIR).rmdir()
     return report
+
+
+#: Names in DEST that only ``download`` itself writes: an archive extracted into DEST may not hold
+#: them (a member could otherwise replace the lock, forge a marker or plant an archive).
+CONTROL_NAMES = (ARCHIVE_DIR, STATE_DIR, ".download.lock", ".download.lock.pid")
+
+
+def _refuse_links(dest: Path, items: list[Archive]) -> None:
+    """Refuse (``CaptionsError``) a link where ``download`` writes in DEST: its archives and
+    markers folders and each extraction folder. DEST itself may be the user's own link."""
+    for name in {ARCHIVE_DIR, STATE_DIR, *(a.extract_to for a in items if a.extract_to not in ("", "."))}:
+        if (dest / name).is_symlink():
+            raise CaptionsError("is a link; download never writes through links (remove it or choose another "
+                                "--dest)", dest / name)
+
+
+def _reserved(a: Archive) -> tuple[str, ...]:
+    """The member names ``a`` may not hold: DEST's control names when it extracts into DEST."""
+    return CONTROL_NAMES if Path(a.extract_to) == Path(".") else ()
 
 
 def _fetch_and_extract(a: Archive, dest: Path, net: dict[str, Any]) -> Path:
@@ -568,7 +588,7 @@ def _fetch_extract_once(a: Archive, path: Path, dest: Path, net: dict[str, Any])
     need, free = archive_size(path), free_space(dest)
     if need > free:
         log.warning("%s: extracting needs up to %d bytes but only %d are free", path, need, free)
-    extract_archive(path, dest / a.extract_to, progress=net["progress"])
+    extract_archive(path, dest / a.extract_to, progress=net["progress"], reserved=_reserved(a))
 
 
 def _mark_done(dest: Path, a: Archive, size: int) -> None:

@@ -394,7 +394,8 @@ def prepare_synthetic(out: str | Path, n_train: int = 1200, n_val: int = 150, n_
     text_codec(opts.encoding)
     _checked_out(out)
     with prepare_lock(out):  # held from the generation on: it writes into out too
-        sources = generate_synthetic(out / "source", n_train, n_val, n_test, seed=seed)
+        with writing(out / "source"):  # a full or read-only disk: one line naming the folder
+            sources = generate_synthetic(out / "source", n_train, n_val, n_test, seed=seed)
         src_paths, images_root = _checked_inputs(sources, out / "source")
         return _prepare_locked(_Job("coco", out, src_paths, images_root, opts), tokenize, workers, progress)
 

@@ -61,6 +61,15 @@ def resumed_config(stored: TrainConfig, cfg: TrainConfig, given: Collection[str]
     return out
 
 
+def _refuse_orphaned_checkpoints(out: Path) -> None:
+    """Only an epoch's commit (``last.pt``) moves best.pt / scst_start.pt into place, so finding one
+    without ``last.pt`` means a finished run lost its last.pt: starting afresh would overwrite it."""
+    orphans = [name for name in ("best.pt", "scst_start.pt") if (out / name).exists()]
+    if orphans:
+        raise CaptionsError(f"holds {' and '.join(orphans)} of a run but no last.pt, so it cannot be resumed and "
+                            "starting a new run would overwrite them; move them away or choose another --out", out)
+
+
 def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: TrainConfig, resume: bool,
                  given: Collection[str] | None = None) -> tuple[dict[str, Any] | None, TrainConfig]:
     """The checkpoint to continue from (None: a new run) and the config to run with (on resume,
@@ -73,10 +82,12 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         if last.exists():
             raise CaptionsError("already holds a training run; pass --resume to continue it, or choose another "
                                 "--out", out)
+        _refuse_orphaned_checkpoints(out)
         if main:
             repair(out, None)
         return None, cfg
     if not last.exists():
+        _refuse_orphaned_checkpoints(out)
         log.info("nothing to resume in %s; starting a new run", out)
         if main:
             repair(out, None)
