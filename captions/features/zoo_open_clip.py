@@ -45,10 +45,20 @@ _STAND_IN_TEXT = {"width": 8, "heads": 1, "layers": 1, "context_length": 2, "voc
 
 @cache
 def names() -> tuple[str, ...]:
-    """``open_clip/<model>:<tag>`` for every pretrained (model, tag) open_clip lists."""
+    """``open_clip/<model>:<tag>`` for every pretrained (model, tag) open_clip lists whose image
+    tower is a ViT (the only towers supported)."""
     import open_clip
 
-    return tuple(f"{OPEN_CLIP_PREFIX}{m}:{t}" for m, t in open_clip.list_pretrained())
+    return tuple(f"{OPEN_CLIP_PREFIX}{m}:{t}" for m, t in open_clip.list_pretrained()
+                 if _is_vit_config(open_clip.get_model_config(m) or {}))
+
+
+def _is_vit_config(cfg: dict) -> bool:
+    """Whether open_clip's model config ``cfg`` describes a plain ViT image tower (not a ResNet,
+    a timm trunk, an attentional pooler or CoCa's multimodal model)."""
+    vision = cfg.get("vision_cfg", {})
+    return not ("timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple))
+                or vision.get("attentional_pool") or "multimodal_cfg" in cfg)
 
 
 @contextlib.contextmanager
@@ -185,8 +195,7 @@ def describe(name: str) -> tuple[int, tuple[int, int], int, str]:
     model, tag = parse(name)
     cfg = open_clip.get_model_config(model) or {}
     vision = cfg.get("vision_cfg", {})
-    if "timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple)) or vision.get(
-            "attentional_pool") or "multimodal_cfg" in cfg:
+    if not _is_vit_config(cfg):
         raise CaptionsError(f"backbone {name}: not a ViT image tower; not supported")
     size = vision.get("image_size", 224)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
