@@ -58,7 +58,7 @@ def unfinished_chunks(f) -> int:
 def structure_problem(f) -> str | None:
     """What is wrong with the arrays of a cache file ``f`` (an open ``h5py.File``), or None: every
     dataset present, one row per image in each, ``spatial`` (N, P, C) and ``pooled`` (N, C) with
-    the recorded channels, and one ``chunks_done`` flag per chunk. A file edited by hand or
+    the recorded channels, and the ``chunks_done`` flags. A file edited by hand or
     written by another tool can be marked complete and still break any of these."""
     needed = ("image_ids", "names", "valid", "spatial", "pooled", "chunks_done")
     absent = [k for k in needed if k not in f]
@@ -73,9 +73,6 @@ def structure_problem(f) -> str | None:
     if len(f["spatial"].shape) != 3 or len(f["pooled"].shape) != 2 or \
             (channels is not None and (f["spatial"].shape[2], f["pooled"].shape[1]) != (channels, channels)):
         return f"spatial {f['spatial'].shape} / pooled {f['pooled'].shape} do not match {channels} channels"
-    chunk_rows = int(f.attrs.get("chunk_rows", 256))
-    if len(f["chunks_done"]) != -(-n // chunk_rows):
-        return f"{len(f['chunks_done'])} chunk flags for {n} rows of {chunk_rows}"
     return None
 
 
