@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -259,7 +260,8 @@ def test_a_killed_extraction_whose_worker_lives_on_is_resumed_not_restarted(worl
         code, out = world["runs"].run(*args, fault="extract:chunk:2", keep_worker_fds=keep_fds)
         assert code == FAULT_EXIT, out
         code, out = world["runs"].run("-v", *args)
-        assert code == 0 and "resuming f.h5.partial.h5: 2 of 3 chunks already done" in out, out
+        # the second chunk boundary may finish two chunks at once (lanes can complete together)
+        assert code == 0 and re.search(r"resuming f\.h5\.partial\.h5: [23] of 3 chunks already done", out), out
         assert "unreadable" not in out
         # with a decode worker the batches are planned for parallel lanes: the same features to rounding
         assert_same_cache(case / "f.h5", world["ref"] / "f.h5", exact=False)
