@@ -24,6 +24,7 @@ from captions.features.backbones import Backbone, Preprocessing, build_backbone,
 from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import preprocess_image
 from captions.features.spec import FeatureSpec, TokenLayout
+from captions.features.tuning import tuned_backbone
 from captions.fsutil import sha256_file
 from captions.generation import Rules, decode
 from captions.models.checkpoint import LoadedDecoder, load_decoder
@@ -90,6 +91,18 @@ def backbone_weights_arg(identity: str, weights: str | os.PathLike | None) -> st
     raise CaptionsError(f"unknown backbone weights identity '{identity}' in the checkpoint")
 
 
+def checkpoint_backbone(ckpt: dict, spec: FeatureSpec, weights: str | os.PathLike | None = None) -> Backbone:
+    """The backbone a checkpoint's features come from: its fine-tuned encoder's weights when it
+    carries them (``ckpt["encoder"]``), else the recorded library weights or ``weights`` file
+    (``backbone_weights_arg``). Raises ``CaptionsError`` when they cannot be had."""
+    enc = ckpt.get("encoder")
+    if enc is not None:
+        if weights is not None:
+            raise CaptionsError("the checkpoint carries its fine-tuned encoder's weights; --weights does not apply")
+        return tuned_backbone(spec.backbone, spec.image_size, enc["state_dict"], spec.weights)
+    return build_backbone(spec.backbone, backbone_weights_arg(spec.weights, weights), spec.image_size)
+
+
 class Captioner:
     """Backbone + decoder of a checkpoint, ready to caption images on CPU or GPU.
 
@@ -122,14 +135,15 @@ class Captioner:
         """Rebuild checkpoint ``path``'s backbone and decoder on ``device`` (auto, cpu, cuda).
 
         ``weights``: the state_dict file, for checkpoints whose features came from one (its sha256
-        is checked). ``precision``: the backbone's autocast (auto, fp32, bf16, fp16); default: the
+        is checked); a checkpoint with a fine-tuned encoder (``--fine-tune-encoder``) carries its
+        weights and needs none. ``precision``: the backbone's autocast (auto, fp32, bf16, fp16); default: the
         one recorded at extraction. Raises ``CaptionsError`` when the backbone cannot be the same
         as at extraction (other weights, output shape or channels).
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dec = load_decoder(path, dev)
         spec = FeatureSpec.from_dict(dec.checkpoint.get("features") or {}, path=path)
-        bb = build_backbone(spec.backbone, backbone_weights_arg(spec.weights, weights), spec.image_size)
+        bb = checkpoint_backbone(dec.checkpoint, spec, weights)
         if TokenLayout.parse(spec.token_layout).pooled == "mean":  # caches from before pooled=model existed
             bb = mean_pooled(bb)
         recorded = spec.preprocessing  # "none" above is seeded: the same random weights as at extraction

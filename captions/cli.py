@@ -366,8 +366,10 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Prepared-dataset directory the checkpoint was trained on.")
-@click.option("--features", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Its feature cache (same backbone, weights and image size as at training).")
+@click.option("--features", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Its feature cache (same backbone, weights and image size as at training). Left out: the "
+                   "checkpoint's backbone (its fine-tuned encoder, after --fine-tune-encoder) runs on the split's "
+                   "images, as extract-features would.")
 @click.option("--split", default="test", show_default=True, help="Split to caption and score.")
 @click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1), help="1: greedy decoding.")
 @click.option("--length-penalty", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -379,11 +381,15 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
 @click.option("--min-length", default=1, show_default=True, type=click.IntRange(0),
               help="Words each caption has at least (<END> is not chosen before; 0 allows empty captions).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Without --features only: the state_dict file the cache's features came from (sha256 checked), "
+                   "to rebuild the backbone; a fine-tuned checkpoint carries its encoder and needs none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalty, out, batch_size, min_length, device,
-                 as_json, quiet) -> None:
-    """Caption a split from the feature cache and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+                 weights, as_json, quiet) -> None:
+    """Caption a split from the feature cache (or, without --features, from the checkpoint's own
+    encoder run on the images) and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr.
 
     All reference captions of each image are used. METEOR needs Java; without it this says so once
     and reports the rest. Writes the predictions in COCO results format and the metrics as JSON.
@@ -392,7 +398,7 @@ def evaluate_cmd(checkpoint, data_dir, features, split, beam_size, length_penalt
 
     record = evaluate_checkpoint(checkpoint, data_dir, features, split=split, beam_size=beam_size,
                                  length_penalty=length_penalty, device=device, batch_size=batch_size, out=out,
-                                 progress=not quiet and not as_json, min_length=min_length)
+                                 progress=not quiet and not as_json, min_length=min_length, weights=weights)
     _echo_scores(record, f"beam size {record['beam_size']}", as_json)
 
 

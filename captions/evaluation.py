@@ -1,4 +1,5 @@
-"""``captions evaluate``: decode a split from the feature cache and score it with pycocoevalcap.
+"""``captions evaluate``: decode a split from the feature cache (or from the checkpoint's own
+encoder run on the split's images) and score it with pycocoevalcap.
 
 Writes the predictions in COCO results format (``[{"image_id", "caption", "file_name"}]``; the
 id is the prepared dataset's image id) and the metrics as JSON.
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from captions.features.spec import FeatureSpec
 from captions.fsutil import atomic_path, fault_point, folder_lock
 from captions.generation import Rules, caption_images
 from captions.metrics import cider_defined, java_available, score_captions
-from captions.models.checkpoint import load_decoder
+from captions.models.checkpoint import LoadedDecoder, load_decoder
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.runtime import resolve_device
 
@@ -40,55 +42,117 @@ def default_eval_dir(checkpoint: Path, split: str, beam_size: int) -> Path:
 def check_compatible(ckpt: dict[str, Any], cache: FeatureCache, vocab_hash: str, checkpoint: Path) -> None:
     """Refuse a cache whose features the checkpoint's decoder cannot read (``FeatureSpec.DECODER_KEYS``
     differ), or a dataset with another vocabulary. Raises ``CaptionsError`` naming the checkpoint."""
+    tuned = ckpt.get("encoder") is not None
+    what = (f"the checkpoint's encoder was fine-tuned: {cache.path} holds features of other weights; leave out "
+            f"--features to run its encoder on the images" if tuned
+            else f"the checkpoint was trained on other features than {cache.path}")
     FeatureSpec.from_dict(ckpt.get("features") or {}, path=checkpoint).require_compatible(
-        cache.spec, FeatureSpec.DECODER_KEYS, what=f"the checkpoint was trained on other features than {cache.path}",
-        path=checkpoint)
+        cache.spec, FeatureSpec.DECODER_KEYS, what=what, path=checkpoint)
     if ckpt["vocab"].get("hash") != vocab_hash:
         raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another prepared "
                             "dataset?): token ids would not match", checkpoint)
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, features: str | os.PathLike,
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
+                        features: str | os.PathLike | None,
                         split: str = "test", beam_size: int = 3, length_penalty: float = 0.0,
                         device: str = "auto", batch_size: int = 64, out: str | os.PathLike | None = None,
-                        progress: bool = False, min_length: int = 1) -> dict[str, Any]:
+                        progress: bool = False, min_length: int = 1,
+                        weights: str | os.PathLike | None = None) -> dict[str, Any]:
     """Caption every image of ``split`` (with features) and score against all its references.
 
     Captions have at least ``min_length`` words (``Rules``). Returns the metrics record (also
     written to ``out/metrics.json``): checkpoint, split, images, beam_size, length_penalty,
     min_length, metrics (BLEU-1..4, METEOR when Java is available, ROUGE-L, CIDEr when defined),
     skipped_metrics, undefined_metrics, seconds, predictions (path of ``out/predictions.json``).
-    ``out`` defaults to ``default_eval_dir(checkpoint, split, beam_size)``. Raises
-    ``CaptionsError`` for an empty split or one whose images all lack features.
+    ``out`` defaults to ``default_eval_dir(checkpoint, split, beam_size)``. ``features`` None:
+    the checkpoint's backbone (its fine-tuned encoder, when it has one; else rebuilt as
+    ``Captioner.from_checkpoint`` does, from the ``weights`` file when its features came from one)
+    runs on the split's images as extraction would (``encoded_split``). Raises ``CaptionsError``
+    for an empty split or one whose images all lack features, and for a cache the checkpoint's
+    decoder cannot read.
     """
     from tqdm import tqdm
 
     checkpoint = Path(checkpoint)
     if beam_size < 1:
         raise CaptionsError(f"beam size must be at least 1, got {beam_size}")
+    if features is not None and weights is not None:
+        raise CaptionsError("--weights applies only without --features (when the backbone runs on the images)")
     dev = resolve_device(device)
     dec = load_decoder(checkpoint, dev)
     ds = load_prepared(data_dir)
     out_dir = Path(out) if out is not None else default_eval_dir(checkpoint, split, beam_size)
     t0 = time.perf_counter()
-    with FeatureCache(features) as cache:
-        cache.check_dataset(ds.dataset_hash, what=str(data_dir))
-        check_compatible(dec.checkpoint, cache, ds.vocab.hash, checkpoint)
-        ids = with_features(ds.require_split(split), cache, split)
-        source = cache.array("spatial" if dec.model.uses_spatial else "pooled")
-
-        def read_rows(batch: np.ndarray) -> torch.Tensor:  # ids ascending: one h5py read per batch
-            return torch.from_numpy(np.asarray(source[batch])).to(dev).float()
-
-        bar = tqdm(total=len(ids), desc=f"decode {split}", unit="img", disable=not progress)
+    with contextlib.ExitStack() as stack:
+        if features is None:
+            if dec.checkpoint["vocab"].get("hash") != ds.vocab.hash:
+                raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another "
+                                    "prepared dataset?): token ids would not match", checkpoint)
+            ids, read_rows = encoded_split(checkpoint, ds, split, dev, batch_size, weights)
+        else:
+            cache = stack.enter_context(FeatureCache(features))
+            ids, read_rows = cached_split(dec, ds, cache, checkpoint, split, dev)
+        bar = stack.enter_context(tqdm(total=len(ids), desc=f"decode {split}", unit="img", disable=not progress))
         preds = caption_images(dec.model, ids, read_rows, dec.max_length + 1, dec.idx_to_token, batch_size, beam_size,
                                length_penalty, on_batch=bar.update, rules=Rules(min_length=min_length))
-        bar.close()
     decode_s = time.perf_counter() - t0
     record = {"checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
-              "features": str(features), "split": split, "beam_size": beam_size, "length_penalty": length_penalty,
+              "features": str(features) if features is not None else "(the checkpoint's encoder)", "split": split,
+              "beam_size": beam_size, "length_penalty": length_penalty,
               "min_length": min_length, "decode_seconds": round(decode_s, 3)}
     return score_and_write(ds, preds, split, out_dir, record)
+
+
+def encoded_split(checkpoint: Path, ds: PreparedDataset, split: str, device: torch.device, batch_size: int,
+                  weights: str | os.PathLike | None = None) -> tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor]]:
+    """Run checkpoint's backbone (``Captioner.from_checkpoint``: its fine-tuned encoder when it has
+    one, else the recorded backbone, from the ``weights`` file when its features came from one) over
+    the images of ``split``, decoded and cropped as extraction does, features rounded through the
+    recorded dtype. Returns (the ids of the images that could be read, a reader of their features
+    by id: (B,) -> float32 (B, ...)); unreadable images are logged and left out. Raises
+    ``CaptionsError`` when none can be read."""
+    from captions.captioner import Captioner
+    from captions.features.extract import load_crops
+
+    cap = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
+    ids = ds.require_split(split)
+    paths = [ds.image_path(int(i)) for i in range(len(ds.images))]
+    good, parts = [], []
+    for i in range(0, len(ids), batch_size):
+        rows, x, failed = load_crops(paths, ids[i : i + batch_size], cap.preprocessing)
+        for r, why in failed:
+            log.warning("skipped %s: unreadable image (%s)", paths[r], why)
+        if x is not None:
+            good.append(rows.numpy())
+            parts.append(cap.features(x).cpu())
+    if not parts:
+        raise CaptionsError(f"none of the {len(ids)} '{split}' image(s) could be read: nothing to caption", ds.root)
+    good_ids = np.concatenate(good)
+    feats = torch.cat(parts)
+    pos = {int(k): j for j, k in enumerate(good_ids)}
+
+    def read_rows(batch: np.ndarray) -> torch.Tensor:
+        return feats[torch.tensor([pos[int(k)] for k in batch])].to(device)
+
+    return good_ids, read_rows
+
+
+def cached_split(dec: LoadedDecoder, ds: PreparedDataset, cache: FeatureCache, checkpoint: Path, split: str,
+                 device: torch.device) -> tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor]]:
+    """The ids of ``split``'s images with features in the open ``cache`` (checked against the
+    checkpoint and dataset) and a reader of their features by ascending ids: (B,) -> float32
+    (B, P, C) spatial or (B, C) pooled, as the decoder reads. Raises ``CaptionsError`` for a cache
+    of other features or another dataset, or one where no image of the split has features."""
+    cache.check_dataset(ds.dataset_hash, what=str(ds.root))
+    check_compatible(dec.checkpoint, cache, ds.vocab.hash, checkpoint)
+    ids = with_features(ds.require_split(split), cache, split)
+    source = cache.array("spatial" if dec.model.uses_spatial else "pooled")
+
+    def read_rows(batch: np.ndarray) -> torch.Tensor:  # ids ascending: one h5py read per batch
+        return torch.from_numpy(np.asarray(source[batch])).to(device).float()
+
+    return ids, read_rows
 
 
 def with_features(ids: np.ndarray, cache: FeatureCache, split: str) -> np.ndarray:

@@ -205,6 +205,14 @@ def test_caption_checks_the_weights_file(run, tmp_path):
     assert r.stdout.startswith(f"{img}: ") and len(r.stdout.strip().splitlines()) == 1
     r = cli("caption", img, "--checkpoint", run["ckpt"], "--weights", good)  # random-init checkpoint
     assert r.exit_code == 1 and "randomly initialised" in r.output
+    # evaluate without --features rebuilds the backbone the same way, from the same --weights
+    ev = ["evaluate", path, "--data", run["data"], "--split", "val", "--beam-size", 1, "--out", tmp_path / "ev"]
+    r = cli(*ev)
+    assert r.exit_code == 1 and "pass that state_dict file with --weights" in r.output
+    r = cli(*ev, "--weights", good)
+    assert r.exit_code == 0 and "CIDEr" in r.output, r.output
+    r = cli(*ev, "--weights", good, "--features", run["feats"])
+    assert r.exit_code == 1 and "--weights applies only without --features" in r.output
 
 
 def test_pooled_model_captions_and_refuses_attention_maps(run, tmp_path):

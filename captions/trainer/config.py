@@ -60,6 +60,30 @@ class TrainConfig:
                                     min=0)
     checkpoint_every: int = setting(500, "Also save last.pt every N steps (0: only at epoch ends).", min=0)
     eval_batch_size: int = setting(256, "Images decoded at once in the val evaluation after each epoch.", min=1)
+    fine_tune_encoder: bool = setting(False, "After the cross-entropy epochs (or from --init-from), a fine-tune phase "
+                                             "of --encoder-epochs: the recorded backbone runs on the prepared images "
+                                             "with its blocks from --fine-tune-from-block on trained (BatchNorm "
+                                             "statistics frozen) together with the decoder; self-critical epochs then "
+                                             "run on features re-extracted with it into the run folder.")
+    encoder_lr: float = setting(1e-4, "Fine-tune phase: Adam learning rate of the encoder blocks (cosine-decayed "
+                                      "over the phase).", min=0)
+    fine_tune_from_block: int = setting(-3, "Fine-tune phase: the first trained block of the backbone (0-based; "
+                                            "negative: counted from the last, -3 = the last three); the layers "
+                                            "after the last block train too, those before block K stay frozen.")
+    encoder_epochs: int = setting(3, "Epochs of the fine-tune phase (with --fine-tune-encoder).", min=1)
+    augment: str = setting("none", "Fine-tune phase, train images only: flip-crop takes a random crop of the resized "
+                                   "image instead of the centre one and flips it left-right half the time.",
+                           choices=("none", "flip-crop"))
+    fine_tune_decoder_lr: float = setting(1e-4, "Fine-tune phase: the decoder's learning rate (cosine-decayed over "
+                                                "the phase).", min=0)
+    fine_tune_workers: int = setting(2, "Fine-tune phase: DataLoader processes decoding the images (0: in the "
+                                        "training process).", min=0)
+    encoder_weights: str = setting("", "The backbone state_dict file the cache's features were extracted with, when "
+                                       "they came from one (--weights PATH at extraction; sha256 checked); needed to "
+                                       "fine-tune it.")
+    init_from: str = setting("", "Start from this checkpoint's decoder (and fine-tuned encoder) instead of training "
+                                 "the cross-entropy phase: the run begins with the fine-tune phase (or self-critical "
+                                 "training), numbered after --epochs. Same dataset, features and decoder settings.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -84,10 +108,18 @@ class TrainConfig:
         validate(self, "training setting")
         dcfg = decoder_config(self.model, self.decoder)
         validate(dcfg, f"{self.model} setting")
+        if self.init_from and not self.fine_tune_encoder and self.scst_epochs == 0:
+            raise CaptionsError("--init-from skips the cross-entropy epochs: it needs --fine-tune-encoder or "
+                                "--scst-epochs > 0 to have something to train")
         try:
             dcfg.check()
         except ValueError as e:
             raise CaptionsError(str(e)) from None
+
+    @property
+    def fine_tune_epochs(self) -> int:
+        """Epochs of the fine-tune phase: ``encoder_epochs`` with ``fine_tune_encoder``, else 0."""
+        return self.encoder_epochs if self.fine_tune_encoder else 0
 
     def decoder_settings(self) -> dict[str, Any]:
         """Every option setting of ``model``'s decoder: the defaults updated with ``decoder``."""

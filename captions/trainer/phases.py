@@ -1,7 +1,11 @@
-"""The two phases of training, each owning its loss and its learning rate.
+"""The phases of training, each owning its loss and its learning rate.
 
 * ``CrossEntropy``: teacher forcing, the temporal cross-entropy of the reference captions (with
   label smoothing) plus the decoder's own auxiliary loss; learning rate on the ``schedule``.
+* ``FineTune`` (``--fine-tune-encoder``): the same loss, on features the backbone computes from
+  the batch's images with its upper blocks trained too (``captions.trainer.encoder``), as
+  Show-Attend-Tell re-implementations and neuraltalk2 fine-tune the CNN once the decoder has
+  learned from frozen features; both learning rates cosine-decayed over the phase.
 * ``SelfCritical`` (Rennie et al. 2017): sampled captions rewarded by their CIDEr-D, from the
   cross-entropy epoch of the lowest val loss or the best val CIDEr; a constant learning rate.
 """
@@ -18,9 +22,9 @@ import torch
 from captions.errors import CaptionsError
 from captions.models.base import caption_loss
 from captions.models.checkpoint import load_checkpoint
-from captions.trainer.data import caption_tokens
+from captions.trainer.data import caption_tokens, images_of_batch
 from captions.trainer.scst import self_critical_loss, train_references
-from captions.trainer.state import CROSS_ENTROPY, SELF_CRITICAL
+from captions.trainer.state import CROSS_ENTROPY, FINE_TUNE, SELF_CRITICAL
 
 log = logging.getLogger("captions")
 
@@ -87,6 +91,83 @@ class CrossEntropy:
         return StepLoss(loss if aux is None else loss + aux, len(rows))
 
 
+def load_chosen_epoch(run, what: str) -> None:
+    """Load the cross-entropy weights ``scst_start`` chooses (``best.pt`` or ``scst_start.pt``,
+    when written) for the phase ``what`` that begins now."""
+    source = run.out / ("best.pt" if run.cfg.scst_start == "cider" else SCST_START)
+    if source.exists():
+        run.load_weights(load_checkpoint(source)["state_dict"])
+    log.info("%s from %s", what, source if source.exists() else "the weights in memory")
+
+
+class FineTune(CrossEntropy):
+    """Cross-entropy with the encoder's upper blocks trained too, on images decoded per batch."""
+
+    name = FINE_TUNE
+
+    def __init__(self, run) -> None:
+        super().__init__(run)
+        self._crops = None
+        self.unreadable: set[int] = set()  # images readable at extraction that no longer are (left out)
+
+    def lr_factor(self, step: int) -> float:
+        """The fine-tune decoder learning rate (relative to ``lr``), cosine over the phase's steps."""
+        run, cfg = self.run, self.run.cfg
+        scale = cfg.fine_tune_decoder_lr / cfg.lr if cfg.lr > 0 else 0.0
+        return scale * lr_factor("cosine", step - (run.state.ft_from or 0), run.fine_tune_steps)
+
+    def begin(self) -> None:
+        """On the phase's first epoch: start from the chosen cross-entropy epoch (as self-critical
+        training would; not with ``--init-from``, whose weights are already loaded)."""
+        run = self.run
+        if run.state.ft_from is None:
+            if not run.cfg.init_from:
+                load_chosen_epoch(run, "encoder fine-tuning")
+            run.optimizer.state.clear()  # fresh Adam moments: the encoder's features move under the decoder
+            run.state.ft_from = int(run.scheduler.last_epoch)
+            for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
+                group["lr"] = base * self.lr_factor(run.state.ft_from)
+
+    def start_epoch(self, batches: list[np.ndarray], first: int) -> None:
+        """Start decoding the images of ``batches[first:]`` (the epoch's remaining steps)."""
+        run = self.run
+        images = [images_of_batch(run.ds.image_ids[b])[0] for b in batches[first:]]
+        self._crops = iter(run.encoder.loader(run.image_paths, images, run.cfg.augment, run.cfg.fine_tune_workers,
+                                              (run.cfg.seed, run.state.epoch), offset=first))
+
+    def close(self) -> None:
+        """Stop the epoch's decode workers (at its end, or when the run stops)."""
+        self._crops = None
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """The next batch of caption ``rows`` (N,) -> (its rows whose image could be read, their
+        distinct images (M,), each row's image position (N',), the encoder's features (M, ...)
+        with their graph). An image that can no longer be read is logged once and its captions
+        left out of the step. Raises ``CaptionsError`` when none of the batch's images can be read."""
+        run = self.run
+        images, _ = images_of_batch(run.ds.image_ids[rows])
+        crops, failed = next(self._crops)
+        for image, why in failed:
+            if image not in self.unreadable:
+                self.unreadable.add(image)
+                log.warning("skipped %s in the fine-tune phase: unreadable image (%s); it was readable at "
+                            "extraction (%d such image(s) so far)", run.image_paths[image], why, len(self.unreadable))
+        if crops is None:
+            image, why = failed[0]
+            raise CaptionsError(f"none of the {len(images)} images of a fine-tune batch can be read any more, "
+                                f"e.g. this one ({why})", run.image_paths[image])
+        if failed:
+            bad = np.isin(run.ds.image_ids[rows], [image for image, _ in failed])
+            rows = rows[~bad]
+        images, image_index = images_of_batch(run.ds.image_ids[rows])
+        return rows, images, image_index, run.encoder.features(crops, run.core.uses_spatial, run.autocast())
+
+    def val_store(self):
+        """The val images' features from the encoder as it is now."""
+        run = self.run
+        return run.encoder.store(run.image_paths, run.val_ids, run.core.uses_spatial)
+
+
 class SelfCritical:
     """k sampled captions per image, each rewarded by its CIDEr-D minus the mean of the image's
     other samples (``captions.trainer.scst``)."""
@@ -108,22 +189,30 @@ class SelfCritical:
         run = self.run
         if self.cider is None:
             self.cider = train_references(run.ds, np.unique(run.ds.image_ids[run.train_rows]))
+        if run.state.ft_from is not None:
+            run.use_tuned_features()
         if run.state.scst_from is None:
             self._start()
 
     def _start(self) -> None:
         run, cfg = self.run, self.run.cfg
-        source = run.out / ("best.pt" if cfg.scst_start == "cider" else SCST_START)
-        if source.exists():
-            run.load_weights(load_checkpoint(source)["state_dict"])
+        if run.state.ft_from is None:
+            source = run.out / ("best.pt" if cfg.scst_start == "cider" else SCST_START)
+            if source.exists():
+                run.load_weights(load_checkpoint(source)["state_dict"])
+            what = self._start_description()
+        else:  # the decoder that goes with the fine-tuned encoder: the one in memory
+            what = "the last fine-tune epoch"
         run.optimizer.state.clear()
         run.state.scst_from = int(run.scheduler.last_epoch)
         for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
             group["lr"] = base * run.lr_lambda(run.state.scst_from)
-        log.info("self-critical training from %s, lr %g", self._start_description(), cfg.scst_lr)
+        log.info("self-critical training from %s, lr %g", what, cfg.scst_lr)
 
     def _start_description(self) -> str:
         run = self.run
+        if run.cfg.init_from and run.state.lowest_val_loss[0] < 0:
+            return f"the weights of {run.cfg.init_from} (--init-from)"
         if not len(run.val_ids):  # nothing to choose by: best.pt, when it is read, holds the last epoch
             return "the last cross-entropy epoch (no val split)"
         best = run.state.best

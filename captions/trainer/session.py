@@ -8,17 +8,18 @@ import os
 import random
 from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from captions.distributed import Distributed, join
+from captions.distributed import Distributed, barrier, join
 from captions.errors import CaptionsError
 from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
+from captions.fsutil import atomic_path
 from captions.models.checkpoint import build_decoder, load_checkpoint, save_checkpoint
 from captions.models.registry import decoder_config
 from captions.pipeline.prepared import PreparedDataset, load_prepared
@@ -26,8 +27,11 @@ from captions.trainer.commit import repair
 from captions.trainer.config import TrainConfig
 from captions.trainer.control import ema_update, rng_state, set_rng_state, train_precision
 from captions.trainer.data import FeatureStore, epoch_batches
-from captions.trainer.phases import CrossEntropy, SelfCritical
+from captions.trainer.phases import CrossEntropy, FineTune, SelfCritical
 from captions.trainer.state import TrainState
+
+if TYPE_CHECKING:  # backbone code is imported only by runs that fine-tune (tests/test_layering.py)
+    from captions.trainer.encoder import TunedEncoder
 
 log = logging.getLogger("captions")
 
@@ -100,7 +104,7 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
                             f"dataset's ({ds.vocab.hash[:12]}): it was trained on another prepared dataset", last)
     if ckpt["dataset_hash"] != ds.dataset_hash:
         raise CaptionsError("checkpoint was trained on another prepared dataset (dataset_hash differs)", last)
-    FeatureSpec.from_dict(ckpt["features"]).require_compatible(
+    base_features(ckpt, last).require_compatible(
         cache.spec, FeatureSpec.DECODER_KEYS, what=f"the run was trained on other features than {cache.path}",
         path=last)
     # settings a run from an older version lacks take the behaviour it was started with
@@ -113,6 +117,13 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         if resumed.epochs < ckpt["epoch"]:
             raise CaptionsError(f"--epochs {resumed.epochs} is fewer than the {ckpt['epoch']} epochs already run", last)
     return ckpt, resumed
+
+
+def base_features(ckpt: dict[str, Any], path: Path) -> FeatureSpec:
+    """The spec of the cache a run was started on: a fine-tuned run's checkpoint records its
+    tuned features under ``features`` and the cache's under ``encoder.base_features``."""
+    enc = ckpt.get("encoder")
+    return FeatureSpec.from_dict(enc["base_features"] if enc else ckpt["features"], path=path)
 
 
 class TrainingRun:
@@ -139,7 +150,17 @@ class TrainingRun:
         # counts on the first epoch's
         self.total_steps = len(self.epoch_batches(0, split=False)) // self.dist.world * cfg.epochs
         self.warmup_steps = self._warmup(self.core.warmup_steps)
-        self.phases = {"cross-entropy": CrossEntropy(self), "self-critical": SelfCritical(self)}
+        self.base_spec, self.tuned_cache = cache.spec, False
+        self.image_paths = [ds.image_path(i) for i in range(len(ds.images))]
+        self.fine_tune_steps = self.total_steps // max(cfg.epochs, 1) * cfg.fine_tune_epochs
+        self.encoder: TunedEncoder | None = None
+        if cfg.fine_tune_encoder:
+            from captions.trainer.encoder import TunedEncoder
+
+            self.encoder = TunedEncoder(cache.spec, self.device, cfg.fine_tune_from_block, cfg.encoder_lr,
+                                        self.fine_tune_steps, weights=cfg.encoder_weights or None)
+        self.phases = {"cross-entropy": CrossEntropy(self), "fine-tune": FineTune(self),
+                       "self-critical": SelfCritical(self)}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
         self.model: torch.nn.Module = self.core
         self._amp_dtype = train_precision(cfg.precision, self.device)
@@ -168,6 +189,8 @@ class TrainingRun:
         run = cls(out, ds, cache, cfg)
         if ckpt is not None:
             run.restore(ckpt)
+        elif cfg.init_from:
+            run.init_from(Path(cfg.init_from))
         run.wrap_for_ddp()
         log.info("training on %s in %s", run.device,
                  "fp32" if run._amp_dtype is None else str(run._amp_dtype).removeprefix("torch."))
@@ -202,7 +225,7 @@ class TrainingRun:
 
     @property
     def total_epochs(self) -> int:
-        return self.cfg.epochs + self.cfg.scst_epochs
+        return self.cfg.epochs + self.cfg.fine_tune_epochs + self.cfg.scst_epochs
 
     def epoch_batches(self, epoch: int, split: bool = True) -> list[np.ndarray]:
         """The caption-row batches of ``epoch``; under DDP (``split``) this rank's share, every rank
@@ -214,14 +237,16 @@ class TrainingRun:
             batches = batches[: len(batches) // world * world][rank::world]
         return batches
 
-    def phase(self) -> CrossEntropy | SelfCritical:
+    def phase(self) -> CrossEntropy | FineTune | SelfCritical:
         """The phase of the current epoch."""
-        return self.phases[self.state.phase(self.cfg.epochs)]
+        return self.phases[self.state.phase(self.cfg.epochs, self.cfg.fine_tune_epochs)]
 
     def lr_lambda(self, step: int) -> float:
-        """The learning-rate factor at global ``step``: the self-critical phase's from the step it began."""
+        """The learning-rate factor at global ``step``: each later phase's from the step it began."""
         if self.state.scst_from is not None and step >= self.state.scst_from:
             return self.phases["self-critical"].lr_factor(step)
+        if self.state.ft_from is not None and step >= self.state.ft_from:
+            return self.phases["fine-tune"].lr_factor(step)
         return self.phases["cross-entropy"].lr_factor(step)
 
     def autocast(self) -> AbstractContextManager:
@@ -242,12 +267,23 @@ class TrainingRun:
             self.model = torch.nn.parallel.DistributedDataParallel(self.core, device_ids=ids)
 
     def checkpoint(self) -> dict[str, Any]:
-        """The run's whole state as a checkpoint dict (``captions.models.checkpoint``'s schema)."""
+        """The run's whole state as a checkpoint dict (``captions.models.checkpoint``'s schema).
+
+        Once the fine-tune phase has begun it also holds ``encoder`` (``TunedEncoder.state_dict``
+        plus ``base_features``, the spec of the cache the run started on), and ``features`` says
+        the features come from those weights: the re-extracted cache's spec, or before it exists
+        the cache's spec with ``weights`` = the tuned weights' ``finetuned:<sha256>`` identity."""
         ds, ema = self.ds, self.ema
+        features, extra = self.cache.spec.to_dict(), {}
+        if self.encoder is not None and self.state.ft_from is not None:
+            enc = self.encoder.state_dict()
+            extra["encoder"] = {**enc, "base_features": self.base_spec.to_dict()}
+            if not self.tuned_cache:
+                features = replace(self.cache.spec, weights=enc["identity"]).to_dict()
         return {"model": self.cfg.model, "decoder_config": asdict(self.dcfg), "train_config": asdict(self.cfg),
-                "state_dict": self.shipped.state_dict(),
+                "state_dict": self.shipped.state_dict(), **extra,
                 "vocab": {"idx_to_token": ds.vocab.idx_to_token, "hash": ds.vocab.hash},
-                "dataset_hash": ds.dataset_hash, "max_length": ds.max_words, "features": self.cache.spec.to_dict(),
+                "dataset_hash": ds.dataset_hash, "max_length": ds.max_words, "features": features,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 **self.state.state_dict(), "global_step": int(self.scheduler.last_epoch), "rng": rng_state(),
                 **({"train_state_dict": self.core.state_dict(), "ema_n_averaged": int(ema.n_averaged)}
@@ -260,12 +296,65 @@ class TrainingRun:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state.load_state_dict(ckpt)
         self.epochs_run = self.state.epoch
+        if ckpt.get("encoder") is not None and self.encoder is not None:
+            self.encoder.load_state_dict(ckpt["encoder"])
         set_rng_state(ckpt["rng"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["state_dict"])
             self.ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
         log.info("resuming %s at epoch %d, step %d", self.out / "last.pt", self.state.epoch + 1,
                  self.state.step_in_epoch)
+
+    def init_from(self, path: Path) -> None:
+        """Start a new run from checkpoint ``path``'s decoder (and fine-tuned encoder) weights, its
+        cross-entropy epochs counted as done. Raises ``CaptionsError`` naming the checkpoint when it
+        was trained on another dataset or other features, or its decoder does not fit the settings."""
+        ckpt = load_checkpoint(path)
+        if ckpt["vocab"]["hash"] != self.ds.vocab.hash or ckpt["dataset_hash"] != self.ds.dataset_hash:
+            raise CaptionsError("--init-from: trained on another prepared dataset (vocabulary or dataset hash "
+                                "differs)", path)
+        base_features(ckpt, path).require_compatible(
+            self.base_spec, FeatureSpec.DECODER_KEYS, path=path,
+            what=f"--init-from: trained on other features than {self.cache.path}")
+        if ckpt.get("encoder") is not None and self.encoder is None:
+            raise CaptionsError("--init-from: its encoder was fine-tuned; continue it with --fine-tune-encoder", path)
+        try:
+            self.load_weights(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise CaptionsError(f"--init-from: its {ckpt['model']} decoder does not fit these decoder settings "
+                                f"({str(e).splitlines()[0]}); give the settings it was trained with", path) from None
+        if ckpt.get("encoder") is not None:
+            self.encoder.model.load_state_dict(ckpt["encoder"]["state_dict"])
+        self.state.epoch = self.cfg.epochs
+        log.info("starting from the weights of %s (epoch %s); the cross-entropy epochs count as done", path,
+                 ckpt.get("epoch"))
+
+    def use_tuned_features(self) -> None:
+        """After the fine-tune phase: extract every image's features with the tuned encoder into
+        ``out/features-<tag>.h5`` (``extract_features``: whole or nothing, resumable; the weights
+        file ``out/encoder-<tag>.pt`` it reads is kept) and train on them from now on."""
+        if self.tuned_cache:
+            return
+        from captions.features.extract import ExtractOptions, extract_features
+        from captions.features.tuning import weights_identity
+
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.encoder.model.state_dict().items()}
+        tag = weights_identity(weights).split(":")[1][:16]
+        wfile, cpath = self.out / f"encoder-{tag}.pt", self.out / f"features-{tag}.h5"
+        if self.dist.is_main and not wfile.exists():
+            with atomic_path(wfile) as tmp:
+                torch.save(weights, tmp)
+        barrier(self.dist)
+        spec = self.base_spec
+        log.info("extracting features with the fine-tuned encoder into %s", cpath)
+        extract_features(self.ds.root, cpath, ExtractOptions(
+            backbone=spec.backbone, weights=str(wfile), image_size=spec.image_size, dtype=spec.dtype,
+            precision=spec.precision, device=self.cfg.device), progress=False)
+        cache = FeatureCache(cpath)
+        cache.check_dataset(self.ds.dataset_hash, what=str(self.ds.root))
+        self.cache.close()
+        self.cache, self.tuned_cache = cache, True
+        self.store = FeatureStore(cache, self.core.uses_spatial, int(self.cfg.ram_budget_gb * 2**30), self.device)
 
     def save(self, name: str, ckpt: dict[str, Any] | None = None) -> None:
         save_checkpoint(self.out / name, ckpt if ckpt is not None else self.checkpoint())

@@ -1,8 +1,9 @@
-"""``captions train``: fit a decoder from the feature cache (the CNN never runs here).
+"""``captions train``: fit a decoder from the feature cache (the CNN runs only in the fine-tune phase).
 
 ``train()`` reads as its steps: open (or resume) the run; for each epoch enter its phase
-(cross-entropy, then self-critical), ``train_one_epoch``, ``end_of_epoch`` (val evaluation, the
-pure ``decide`` step: best epoch, early stopping, phase switch; then the epoch's files).
+(cross-entropy, then with ``--fine-tune-encoder`` the fine-tune phase, then self-critical),
+``train_one_epoch``, ``end_of_epoch`` (val evaluation, the pure ``decide`` step: best epoch,
+early stopping, phase switch; then the epoch's files).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,15 @@ from captions.trainer.config import TrainConfig
 from captions.trainer.control import StopFlag, TrainingInterrupted
 from captions.trainer.data import images_of_batch
 from captions.trainer.evaluation import evaluate_split
-from captions.trainer.phases import SCST_START, CrossEntropy, SelfCritical
+from captions.trainer.phases import SCST_START, CrossEntropy, FineTune, SelfCritical
 from captions.trainer.session import TrainingRun
-from captions.trainer.state import SELF_CRITICAL, TrainState
+from captions.trainer.state import CROSS_ENTROPY, FINE_TUNE, SELF_CRITICAL, TrainState
 
 log = logging.getLogger("captions")
 
 __all__ = ["SCST_START", "TrainConfig", "TrainingInterrupted", "train", "train_one_epoch", "end_of_epoch", "decide"]
 
-Phase = CrossEntropy | SelfCritical
+Phase = CrossEntropy | FineTune | SelfCritical
 _SAID_LOSS_FALLBACK: weakref.WeakSet = weakref.WeakSet()  # runs told that the val loss stands in for CIDEr
 
 
@@ -127,7 +128,9 @@ def run_training(run: TrainingRun, progress: bool = True,
         fault_point("train", "config")
     writer = tensorboard_writer(run.out) if run.dist.is_main else None
     run.model.train()
-    with StopFlag() as flag, retained_heap() if run.device.type == "cpu" else nullcontext():
+    # closing: the fine-tune phase's decode workers end with the run, also when it is interrupted
+    with StopFlag() as flag, retained_heap() if run.device.type == "cpu" else nullcontext(), \
+            closing(run.phases[FINE_TUNE]):
         while run.state.epoch < run.total_epochs:
             phase = run.phase()
             phase.begin()
@@ -150,9 +153,11 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
 
     state, batches = run.state, run.epoch_batches(run.state.epoch)
     scst = phase.name == SELF_CRITICAL
+    if phase.name == FINE_TUNE:
+        phase.start_epoch(batches, state.step_in_epoch)
+    label = "" if phase.name == CROSS_ENTROPY else f" {phase.name}"
     bar = tqdm(total=len(batches), initial=state.step_in_epoch, unit="batch",
-               disable=not progress or not run.dist.is_main,
-               desc=f"epoch {state.epoch + 1}/{run.total_epochs}{' self-critical' if scst else ''}")
+               disable=not progress or not run.dist.is_main, desc=f"epoch {state.epoch + 1}/{run.total_epochs}{label}")
     stats = EpochStats(**state.epoch_progress) if state.step_in_epoch else EpochStats()
     t0, before = time.perf_counter(), stats.seconds
     for k in range(state.step_in_epoch, len(batches)):
@@ -178,37 +183,56 @@ def train_one_epoch(run: TrainingRun, phase: Phase, flag: StopFlag, progress: bo
                 raise TrainingInterrupted(f"interrupted at epoch {state.epoch + 1}, step {k + 1}; saved "
                                           f"{run.out / 'last.pt'}; continue with --resume")
     bar.close()
+    if phase.name == FINE_TUNE:
+        phase.close()
     stats.seconds = before + time.perf_counter() - t0
     state.epoch_progress = {}
     return stats
 
 
 def train_step(run: TrainingRun, phase: Phase, rows: np.ndarray, stats: EpochStats) -> float:
-    """One optimizer step on the caption ``rows`` of a batch; returns its loss."""
-    images, image_index = images_of_batch(run.ds.image_ids[rows])
-    step = phase.loss(rows, images, image_index, run.store.gather(images))
+    """One optimizer step on the caption ``rows`` of a batch (in the fine-tune phase the encoder's
+    too, its gradients averaged over the ranks and clipped with the decoder's); returns its loss."""
+    encoder = run.encoder if phase.name == FINE_TUNE else None
+    if encoder is not None:  # images decoded and encoded per batch (those unreadable now left out)
+        rows, images, image_index, feats = phase.batch(rows)
+    else:
+        images, image_index = images_of_batch(run.ds.image_ids[rows])
+        feats = run.store.gather(images)
+    step = phase.loss(rows, images, image_index, feats)
     stats.captions += step.captions
     if step.reward is not None:
         stats.rewards.append(step.reward)
     run.optimizer.zero_grad(set_to_none=True)
+    if encoder is not None:
+        encoder.optimizer.zero_grad(set_to_none=True)
     step.loss.backward()
     if not phase.gradients_reduced_by_ddp:
         average_gradients(run.dist, run.core.parameters())
+    if encoder is not None:
+        average_gradients(run.dist, encoder.params)
     if run.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([*run.core.parameters(), *(encoder.params if encoder else [])],
+                                       run.cfg.grad_clip)
     run.optimizer.step()
+    if encoder is not None:
+        encoder.optimizer.step()
+        encoder.scheduler.step()
     if run.ema is not None:
         run.ema.update_parameters(run.core)
     run.scheduler.step()
     return step.loss.item()
 
 
-def decide(state: TrainState, row: dict[str, Any], cfg: TrainConfig, scst: bool, has_val: bool) -> EpochDecision:
+def decide(state: TrainState, row: dict[str, Any], cfg: TrainConfig, scst: bool, has_val: bool,
+           phase: str | None = None) -> EpochDecision:
     """The end-of-epoch decision from the epoch's val ``row`` (pure). Best epoch: the highest val
     CIDEr, or, where CIDEr is undefined (``row["CIDEr"]`` None: fewer than two val images), the
     lowest val loss: an undefined metric never selects or stops (every epoch is best without a
-    val split); early stopping after ``patience`` epochs without a better one, per phase; the
-    cross-entropy phase ends early or on time into the self-critical one when ``scst_epochs`` > 0."""
+    val split); early stopping after ``patience`` epochs without a better one, per phase; a phase
+    ends early or on time into the next one (cross-entropy -> fine-tune when ``fine_tune_epochs``
+    > 0 -> self-critical when ``scst_epochs`` > 0). ``phase``: the epoch's phase (default: from
+    ``scst``)."""
     by = "val loss" if has_val and row.get("CIDEr") is None else "CIDEr"
     if not has_val:
         improved = True
@@ -220,9 +244,13 @@ def decide(state: TrainState, row: dict[str, Any], cfg: TrainConfig, scst: bool,
     bad = 0 if improved else state.bad_epochs + 1
     stop = has_val and bad >= cfg.patience
     next_epoch = state.epoch + 1
-    if not scst and (stop or next_epoch == cfg.epochs) and cfg.scst_epochs > 0:
-        next_epoch, stop, bad = cfg.epochs, False, 0  # on to self-critical training
-    lower = not scst and has_val and row["val_loss"] < state.lowest_val_loss[1]
+    phase = phase or (SELF_CRITICAL if scst else CROSS_ENTROPY)
+    tune_end = cfg.epochs + cfg.fine_tune_epochs
+    if phase == CROSS_ENTROPY and (stop or next_epoch == cfg.epochs) and tune_end + cfg.scst_epochs > cfg.epochs:
+        next_epoch, stop, bad = cfg.epochs, False, 0  # on to fine-tuning or self-critical training
+    elif phase == FINE_TUNE and (stop or next_epoch == tune_end) and cfg.scst_epochs > 0:
+        next_epoch, stop, bad = tune_end, False, 0  # on to self-critical training
+    lower = phase == CROSS_ENTROPY and has_val and row["val_loss"] < state.lowest_val_loss[1]
     return EpochDecision(improved, lower, stop, next_epoch, bad, by)
 
 
@@ -246,7 +274,8 @@ def epoch_row(run: TrainingRun, phase: Phase, stats: EpochStats) -> dict[str, An
     if phase.name == SELF_CRITICAL:
         row["train_reward"] = float(np.mean(stats.rewards)) if stats.rewards else None
     if len(run.val_ids):
-        row.update(evaluate_split(run.shipped, run.ds, run.store, "val", run.cfg.loss, run.cfg.eval_batch_size,
+        store = phase.val_store() if phase.name == FINE_TUNE else run.store
+        row.update(evaluate_split(run.shipped, run.ds, store, "val", run.cfg.loss, run.cfg.eval_batch_size,
                                   run.device, run.val_ids, run.val_rows))
     return row
 
@@ -259,7 +288,7 @@ def end_of_epoch(run: TrainingRun, phase: Phase, stats: EpochStats, writer=None)
     stop, next_epoch = False, state.epoch + 1
     if run.dist.is_main:
         row = epoch_row(run, phase, stats)
-        d = decide(state, row, cfg, phase.name == SELF_CRITICAL, len(run.val_ids) > 0)
+        d = decide(state, row, cfg, phase.name == SELF_CRITICAL, len(run.val_ids) > 0, phase.name)
         apply_decision(state, row, d)
         commit_epoch(run, row, d, writer)
         stop, next_epoch = d.stop, d.next_epoch
@@ -284,7 +313,8 @@ def commit_epoch(run: TrainingRun, row: dict[str, Any], d: EpochDecision, writer
     ckpt = run.checkpoint()
     staged = staging_dir(out, run.state.epoch)
     for name, due in (("best.pt", d.improved),
-                      (SCST_START, d.lower_loss and cfg.scst_epochs > 0 and cfg.scst_start == "loss")):
+                      (SCST_START, d.lower_loss and cfg.scst_epochs + cfg.fine_tune_epochs > 0
+                       and cfg.scst_start == "loss")):
         if due:
             save_checkpoint(staged / name, ckpt)
             fault_point("train", "staged")
