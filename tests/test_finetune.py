@@ -196,3 +196,5 @@ def test_phase_switches_with_a_fine_tune_phase():
     assert TrainState(epoch=4).phase(3, 2) == FINE_TUNE and TrainState(epoch=5).phase(3, 2) == SELF_CRITICAL
     with pytest.raises(CaptionsError, match="--init-from skips"):
         TrainConfig.from_dict({**TINY, "fine_tune_encoder": False, "init_from": "x.pt"}).validate()
+    with pytest.raises(CaptionsError, match="--ema averages the decoder alone"):
+        TrainConfig.from_dict({**TINY, "ema": 0.99}).validate()

@@ -111,6 +111,8 @@ class TrainConfig:
         if self.init_from and not self.fine_tune_encoder and self.scst_epochs == 0:
             raise CaptionsError("--init-from skips the cross-entropy epochs: it needs --fine-tune-encoder or "
                                 "--scst-epochs > 0 to have something to train")
+        if self.fine_tune_encoder and self.ema > 0:  # an averaged decoder would ship with an encoder it never saw
+            raise CaptionsError("--ema averages the decoder alone: it cannot be used with --fine-tune-encoder")
         try:
             dcfg.check()
         except ValueError as e:
