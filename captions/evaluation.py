@@ -100,7 +100,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     record = {"checkpoint": str(checkpoint), "model": dec.checkpoint["model"], "data": str(data_dir),
               "features": str(features) if features is not None else "(the checkpoint's encoder)", "split": split,
               "beam_size": beam_size, "length_penalty": length_penalty,
-              "min_length": min_length, "decode_seconds": round(decode_s, 3)}
+              "min_length": min_length, "decode_seconds": round(decode_s, 3),
+              "images_left_out": int(len(ds.require_split(split)) - len(ids))}  # unreadable / without features
     return score_and_write(ds, preds, split, out_dir, record)
 
 

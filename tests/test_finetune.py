@@ -23,7 +23,7 @@ from captions.features.extract import ExtractOptions, extract_features, load_cro
 from captions.models.checkpoint import load_checkpoint
 from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
 from captions.pipeline.prepared import load_prepared
-from captions.trainer.config import TrainConfig
+from captions.trainer.config import FINE_TUNE_SETTINGS, TrainConfig
 from captions.trainer.phases import SCST_START
 from captions.trainer.state import CROSS_ENTROPY, FINE_TUNE, SELF_CRITICAL, TrainState
 from captions.trainer.train import decide, train
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="attn", epochs=1, batch_size=16, embed_dim=16, hidden_dim=32, attention_dim=16, lr=3e-3,
             checkpoint_every=0, eval_batch_size=64, scst_epochs=0, fine_tune_encoder=True, encoder_epochs=1,
             fine_tune_from_block=-1, fine_tune_workers=0)
+PLAIN = {**{k: v for k, v in TINY.items() if k not in FINE_TUNE_SETTINGS}, "fine_tune_encoder": False}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_init_from_starts_at_the_fine_tune_phase(tuned, tmp_path):
     before = load_checkpoint(start)
     assert rows[0]["val_loss"] < before["best"]["val_loss"] + 1.0  # it continued from the trained decoder
     assert load_checkpoint(tmp_path / "ft" / "last.pt")["encoder"]["base_features"]["weights"] == "random"
-    other = TrainConfig.from_dict({**TINY, "fine_tune_encoder": False, "scst_epochs": 1, "hidden_dim": 48,
+    other = TrainConfig.from_dict({**PLAIN, "scst_epochs": 1, "hidden_dim": 48,
                                    "init_from": str(start)})
     with pytest.raises(CaptionsError, match="does not fit these decoder settings"):
         train(data, cache, tmp_path / "other", other, progress=False)
@@ -159,11 +160,18 @@ def test_an_image_unreadable_since_extraction_is_left_out_of_fine_tuning(tuned, 
     ds = load_prepared(copy)
     broken = ds.image_path(int(ds.split_image_ids("train")[0]))
     broken.write_bytes(b"not an image any more")
+    gone = ds.image_path(int(ds.split_image_ids("val")[0]))
+    gone.unlink()
     cfg = TrainConfig.from_dict({**TINY, "init_from": str(run / SCST_START)})
     train(copy, cache, tmp_path / "ft", cfg, progress=False)
     said = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
     assert len(said) == 1 and str(broken) in said[0]
-    assert len((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()) == 1
+    said = [r.getMessage() for r in caplog.records if "left out of this epoch's val scores" in r.getMessage()]
+    assert len(said) == 1 and str(gone) in said[0]  # a val image: scored without it, the run goes on
+    rows = (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["CIDEr"] is not None
+    record = evaluate_checkpoint(tmp_path / "ft" / "last.pt", copy, None, split="val", out=tmp_path / "ev")
+    assert (record["images"], record["images_left_out"]) == (7, 1)  # evaluate leaves it out and says so
 
 
 @pytest.mark.slow
@@ -195,6 +203,9 @@ def test_phase_switches_with_a_fine_tune_phase():
     assert (d.next_epoch, d.stop, d.lower_loss) == (5, False, False)  # on to self-critical training
     assert TrainState(epoch=4).phase(3, 2) == FINE_TUNE and TrainState(epoch=5).phase(3, 2) == SELF_CRITICAL
     with pytest.raises(CaptionsError, match="--init-from skips"):
-        TrainConfig.from_dict({**TINY, "fine_tune_encoder": False, "init_from": "x.pt"}).validate()
+        TrainConfig.from_dict({**PLAIN, "init_from": "x.pt"}).validate()
     with pytest.raises(CaptionsError, match="--ema averages the decoder alone"):
         TrainConfig.from_dict({**TINY, "ema": 0.99}).validate()
+    with pytest.raises(CaptionsError, match="--fine-tune-from-block, --augment: only with --fine-tune-encoder"):
+        TrainConfig.from_dict({**PLAIN, "fine_tune_from_block": 50,
+                               "augment": "flip-crop"}).validate()

@@ -15,6 +15,10 @@ from captions.errors import CaptionsError
 from captions.models.registry import DECODERS, decoder_config, decoder_entry
 from captions.options import option_fields, setting, validate
 
+# settings of the fine-tune phase: refused without --fine-tune-encoder rather than ignored
+FINE_TUNE_SETTINGS = ("encoder_lr", "fine_tune_from_block", "encoder_epochs", "augment", "fine_tune_decoder_lr",
+                      "fine_tune_workers", "encoder_weights")
+
 
 @dataclass
 class TrainConfig:
@@ -111,6 +115,10 @@ class TrainConfig:
         if self.init_from and not self.fine_tune_encoder and self.scst_epochs == 0:
             raise CaptionsError("--init-from skips the cross-entropy epochs: it needs --fine-tune-encoder or "
                                 "--scst-epochs > 0 to have something to train")
+        tuned = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                 if f.name in FINE_TUNE_SETTINGS and getattr(self, f.name) != f.default]
+        if tuned and not self.fine_tune_encoder:
+            raise CaptionsError(f"{', '.join(tuned)}: only with --fine-tune-encoder")
         if self.fine_tune_encoder and self.ema > 0:  # an averaged decoder would ship with an encoder it never saw
             raise CaptionsError("--ema averages the decoder alone: it cannot be used with --fine-tune-encoder")
         try:

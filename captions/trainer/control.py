@@ -7,7 +7,8 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -85,3 +86,23 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+@contextmanager
+def immediate_interrupt() -> Iterator[None]:
+    """Within: Ctrl-C raises ``KeyboardInterrupt`` at once (Python's own handler), for work that
+    has no step boundary to wait for and resumes by itself (an extraction into a partial cache)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def ignore_interrupt(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers leave Ctrl-C to the training process (which stops
+    them), instead of each running its inherited handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -27,6 +27,7 @@ from captions.features.forward import pooled_and_spatial
 from captions.features.preprocess import normalize_batch
 from captions.features.spec import FeatureSpec, TokenLayout
 from captions.features.tuning import trainable_parameters, tuned_backbone, weights_identity
+from captions.trainer.control import ignore_interrupt
 from captions.trainer.phases import lr_factor
 
 log = logging.getLogger("captions")
@@ -85,6 +86,13 @@ class TensorStore:
     def __init__(self, image_ids: np.ndarray, feats: torch.Tensor, device: torch.device) -> None:
         self.pos = {int(i): k for k, i in enumerate(image_ids)}
         self.feats, self.device = feats, device
+
+    def covering(self, image_ids: np.ndarray, rows: np.ndarray, image_of_row: np.ndarray) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+        """The ``image_ids`` (B,) and caption ``rows`` (R,) (of images ``image_of_row[rows]``) whose
+        image this store holds."""
+        held = np.fromiter(self.pos, dtype=np.int64, count=len(self.pos))
+        return image_ids[np.isin(image_ids, held)], rows[np.isin(image_of_row[rows], held)]
 
     def gather_sorted(self, image_ids: np.ndarray) -> torch.Tensor:
         """image ids (B,) -> features (B, ...) float32 on the device."""
@@ -156,6 +164,7 @@ class TunedEncoder:
         return torch.utils.data.DataLoader(
             CropBatches(paths, batches, self.prep, augment, seed, offset), batch_size=None, shuffle=False,
             num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False,
+            worker_init_fn=ignore_interrupt if workers else None,
             generator=torch.Generator().manual_seed(0))  # else the loader draws from the run's RNG
 
     @torch.no_grad()
@@ -163,15 +172,19 @@ class TunedEncoder:
         """Features of ``image_ids`` (centre crops, no augmentation) rounded through the cache's
         dtype, as a ``TensorStore`` (for the val evaluation of fine-tune epochs)."""
         dtype = torch.float16 if self.spec.dtype == "float16" else torch.float32
-        parts = []
+        parts, good = [], []
         for i in range(0, len(image_ids), batch_size):
-            ids = image_ids[i : i + batch_size]
-            _, x, failed = load_crops(paths, ids, self.prep)
-            if failed:
-                r, why = failed[0]
-                raise CaptionsError(f"cannot be read any more ({why}); it was readable at extraction", paths[r])
-            parts.append(self.features(x, spatial, torch.autocast("cpu", enabled=False)).to(dtype).cpu())
-        return TensorStore(image_ids, torch.cat(parts), self.device)
+            rows, x, failed = load_crops(paths, image_ids[i : i + batch_size], self.prep)
+            for r, why in failed:  # left out of this epoch's val scores, as evaluate leaves them out
+                log.warning("val image %s cannot be read any more (%s); left out of this epoch's val scores",
+                            paths[r], why)
+            if x is not None:
+                good.append(rows.numpy())
+                parts.append(self.features(x, spatial, torch.autocast("cpu", enabled=False)).to(dtype).cpu())
+        if not parts:
+            raise CaptionsError("none of the val images can be read any more; they were readable at extraction",
+                                paths[int(image_ids[0])].parent)
+        return TensorStore(np.concatenate(good), torch.cat(parts), self.device)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint carries: the library model's weights (all of them, strict-loadable),

@@ -25,7 +25,14 @@ from captions.models.registry import decoder_config
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.trainer.commit import repair
 from captions.trainer.config import TrainConfig
-from captions.trainer.control import ema_update, rng_state, set_rng_state, train_precision
+from captions.trainer.control import (
+    TrainingInterrupted,
+    ema_update,
+    immediate_interrupt,
+    rng_state,
+    set_rng_state,
+    train_precision,
+)
 from captions.trainer.data import FeatureStore, epoch_batches
 from captions.trainer.phases import CrossEntropy, FineTune, SelfCritical
 from captions.trainer.state import TrainState
@@ -38,7 +45,19 @@ log = logging.getLogger("captions")
 
 # settings a resumed run may change (logged); the others would make it another run
 CHANGEABLE_ON_RESUME = ("epochs", "scst_epochs", "scst_lr", "scst_samples", "patience", "device", "precision",
-                        "ram_budget_gb", "checkpoint_every", "eval_batch_size")
+                        "ram_budget_gb", "checkpoint_every", "eval_batch_size", "fine_tune_workers")
+
+
+def _holds_weights(path: Path, tag: str) -> bool:
+    """Whether ``path`` is a readable state_dict file of the tuned weights tagged ``tag`` (a file
+    damaged since it was written is written again from the checkpoint's weights)."""
+    from captions.features.tuning import weights_identity
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return weights_identity(state).split(":")[1][:16] == tag
+    except Exception:  # missing, truncated, not a state_dict: all mean "write it"
+        return False
 
 
 def _setting(cfg: TrainConfig, name: str) -> Any:
@@ -341,15 +360,20 @@ class TrainingRun:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.encoder.model.state_dict().items()}
         tag = weights_identity(weights).split(":")[1][:16]
         wfile, cpath = self.out / f"encoder-{tag}.pt", self.out / f"features-{tag}.h5"
-        if self.dist.is_main and not wfile.exists():
+        if self.dist.is_main and not _holds_weights(wfile, tag):
             with atomic_path(wfile) as tmp:
                 torch.save(weights, tmp)
         barrier(self.dist)
         spec = self.base_spec
         log.info("extracting features with the fine-tuned encoder into %s", cpath)
-        extract_features(self.ds.root, cpath, ExtractOptions(
-            backbone=spec.backbone, weights=str(wfile), image_size=spec.image_size, dtype=spec.dtype,
-            precision=spec.precision, device=self.cfg.device), progress=False)
+        try:
+            with immediate_interrupt():
+                extract_features(self.ds.root, cpath, ExtractOptions(
+                    backbone=spec.backbone, weights=str(wfile), image_size=spec.image_size, dtype=spec.dtype,
+                    precision=spec.precision, device=self.cfg.device), progress=False)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted while extracting features with the fine-tuned encoder into "
+                                      f"{cpath.name}; --resume continues the extraction") from None
         cache = FeatureCache(cpath)
         cache.check_dataset(self.ds.dataset_hash, what=str(self.ds.root))
         self.cache.close()

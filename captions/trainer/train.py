@@ -274,9 +274,12 @@ def epoch_row(run: TrainingRun, phase: Phase, stats: EpochStats) -> dict[str, An
     if phase.name == SELF_CRITICAL:
         row["train_reward"] = float(np.mean(stats.rewards)) if stats.rewards else None
     if len(run.val_ids):
-        store = phase.val_store() if phase.name == FINE_TUNE else run.store
+        store, ids, rows = run.store, run.val_ids, run.val_rows
+        if phase.name == FINE_TUNE:  # the encoder as it is now, on the val images that can still be read
+            store = phase.val_store()
+            ids, rows = store.covering(ids, rows, run.ds.image_ids)
         row.update(evaluate_split(run.shipped, run.ds, store, "val", run.cfg.loss, run.cfg.eval_batch_size,
-                                  run.device, run.val_ids, run.val_rows))
+                                  run.device, ids, rows))
     return row
 
 
