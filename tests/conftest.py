@@ -76,3 +76,34 @@ def no_java(monkeypatch):
 
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     monkeypatch.setattr(metrics, "_warned_java", False)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """40/8/8 synthetic images prepared at 64 px with resnet18 (random, seeded) features: 2x2
+    positions. Module-scoped: each test module gets its own (prepared dataset dir, cache path)."""
+    from captions.features.extract import ExtractOptions, extract_features
+    from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    prepare_synthetic(root / "prep", 40, 8, 8, workers=1, progress=False,
+                      options=PrepareOptions(min_count=1, image_size=64))
+    cache = extract_features(root / "prep", root / "f.h5",
+                             ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
+                             progress=False)
+    return root / "prep", cache
+
+
+@pytest.fixture
+def server():
+    """``tests.test_download.FakeServer`` (an HTTP server on 127.0.0.1) running in a thread."""
+    import threading
+
+    from tests.test_download import FakeServer
+
+    srv = FakeServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

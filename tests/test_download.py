@@ -109,16 +109,6 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server():
-    srv = FakeServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
 def payload(n: int = 300_000, seed: int = 0) -> bytes:
     """A zip archive of about ``n`` bytes (one stored member of random bytes): ``fetch`` checks
     that what it downloads is a whole archive."""

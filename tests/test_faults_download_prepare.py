@@ -19,7 +19,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 import warnings
 import zipfile
@@ -36,7 +35,7 @@ from captions.pipeline import download as dl
 from captions.pipeline.download import download_dataset
 from captions.pipeline.prepare import PrepareOptions, prepare
 from tests.conftest import cli, write_image
-from tests.test_download import FAST, FakeServer, make_zip, sha
+from tests.test_download import FAST, make_zip, sha
 
 OPTS = PrepareOptions(min_count=1, image_size=32)
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,16 +229,6 @@ def test_killed_prepare_leaves_no_worker_running(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ download: kills
-@pytest.fixture
-def server():
-    srv = FakeServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
 def pack() -> bytes:
     rng = np.random.default_rng(0)
     return make_zip({f"pack/m{i}.bin": rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes() for i in range(3)})

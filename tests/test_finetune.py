@@ -19,9 +19,8 @@ from captions.errors import CaptionsError
 from captions.evaluation import evaluate_checkpoint
 from captions.features.backbones import build_backbone
 from captions.features.cache import FeatureCache
-from captions.features.extract import ExtractOptions, extract_features, load_crops
+from captions.features.extract import load_crops
 from captions.models.checkpoint import load_checkpoint
-from captions.pipeline.prepare import PrepareOptions, prepare_synthetic
 from captions.pipeline.prepared import load_prepared
 from captions.trainer.config import FINE_TUNE_SETTINGS, TrainConfig
 from captions.trainer.phases import SCST_START
@@ -34,18 +33,6 @@ TINY = dict(model="attn", epochs=1, batch_size=16, embed_dim=16, hidden_dim=32, 
             checkpoint_every=0, eval_batch_size=64, scst_epochs=0, fine_tune_encoder=True, encoder_epochs=1,
             fine_tune_from_block=-1, fine_tune_workers=0)
 PLAIN = {**{k: v for k, v in TINY.items() if k not in FINE_TUNE_SETTINGS}, "fine_tune_encoder": False}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """40/8/8 synthetic images prepared at 64 px, resnet18 (random, seeded) features: 2x2 positions."""
-    root = tmp_path_factory.mktemp("finetune")
-    prepare_synthetic(root / "prep", 40, 8, 8, workers=1, progress=False,
-                      options=PrepareOptions(min_count=1, image_size=64))
-    cache = extract_features(root / "prep", root / "f.h5",
-                             ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
-                             progress=False)
-    return root / "prep", cache
 
 
 @pytest.fixture(scope="module")

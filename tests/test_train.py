@@ -32,18 +32,6 @@ TINY = dict(epochs=2, batch_size=16, embed_dim=16, hidden_dim=32, attention_dim=
             d_model=32, layers=2, heads=4, ffn_dim=64, warmup_steps=4)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """40/8/8 synthetic images prepared at 64 px with resnet18 (random) features: 2x2 positions."""
-    root = tmp_path_factory.mktemp("train")
-    prepare_synthetic(root / "prep", 40, 8, 8, workers=1, progress=False,
-                      options=PrepareOptions(min_count=1, image_size=64))
-    cache = extract_features(root / "prep", root / "f.h5",
-                             ExtractOptions(backbone="resnet18", weights="none", image_size=64, workers=0),
-                             progress=False)
-    return root / "prep", cache
-
-
 def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
