@@ -114,23 +114,14 @@ def encoded_split(checkpoint: Path, ds: PreparedDataset, split: str, device: tor
     by id: (B,) -> float32 (B, ...)); unreadable images are logged and left out. Raises
     ``CaptionsError`` when none can be read."""
     from captions.captioner import Captioner
-    from captions.features.extract import load_crops
+    from captions.features.extract import encode_images
 
     cap = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
     ids = ds.require_split(split)
     paths = [ds.image_path(int(i)) for i in range(len(ds.images))]
-    good, parts = [], []
-    for i in range(0, len(ids), batch_size):
-        rows, x, failed = load_crops(paths, ids[i : i + batch_size], cap.preprocessing)
-        for r, why in failed:
-            log.warning("skipped %s: unreadable image (%s)", paths[r], why)
-        if x is not None:
-            good.append(rows.numpy())
-            parts.append(cap.features(x).cpu())
-    if not parts:
+    good_ids, feats = encode_images(paths, ids, cap.preprocessing, cap.features, batch_size, "left out")
+    if feats is None:
         raise CaptionsError(f"none of the {len(ids)} '{split}' image(s) could be read: nothing to caption", ds.root)
-    good_ids = np.concatenate(good)
-    feats = torch.cat(parts)
     pos = {int(k): j for j, k in enumerate(good_ids)}
 
     def read_rows(batch: np.ndarray) -> torch.Tensor:

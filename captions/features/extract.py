@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,28 @@ def load_crops(paths: list[Path], rows, prep) -> tuple[torch.Tensor, torch.Tenso
             good.append(r)
     x = crop_batch(images, prep) if images else None
     return torch.tensor(good, dtype=torch.int64), x, failed
+
+
+def encode_images(paths: list[Path], image_ids: np.ndarray, prep, encode: Callable[[torch.Tensor], torch.Tensor],
+                  batch_size: int, why_left_out: str) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Decode and crop images ``image_ids`` (B,) of ``paths`` as extraction does, ``batch_size`` at
+    a time, and run ``encode`` (uint8 crops (n, 3, S, S) -> features (n, ...)) on them.
+
+    An image that cannot be read is logged ("<path> cannot be read (<reason>); <why_left_out>")
+    and left out. Returns (the ids that were read (B',) int64, their features (B', ...) on the
+    CPU in that order, or None when none was read).
+    """
+    good, parts = [], []
+    for i in range(0, len(image_ids), batch_size):
+        rows, x, failed = load_crops(paths, image_ids[i : i + batch_size], prep)
+        for r, why in failed:
+            log.warning("%s cannot be read (%s); %s", paths[r], why, why_left_out)
+        if x is not None:
+            good.append(rows.numpy())
+            parts.append(encode(x).cpu())
+    if not parts:
+        return np.zeros(0, dtype=np.int64), None
+    return np.concatenate(good), torch.cat(parts)
 
 
 def forget_descriptors(fds: tuple[int, ...], worker_id: int) -> None:

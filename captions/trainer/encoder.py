@@ -22,7 +22,7 @@ import torch
 from captions.captioner import backbone_weights_arg
 from captions.errors import CaptionsError
 from captions.features.backbones import Backbone, Preprocessing, build_backbone, mean_pooled
-from captions.features.extract import load_crops
+from captions.features.extract import encode_images, load_crops
 from captions.features.forward import pooled_and_spatial
 from captions.features.preprocess import normalize_batch
 from captions.features.spec import FeatureSpec, TokenLayout
@@ -172,19 +172,14 @@ class TunedEncoder:
         """Features of ``image_ids`` (centre crops, no augmentation) rounded through the cache's
         dtype, as a ``TensorStore`` (for the val evaluation of fine-tune epochs)."""
         dtype = torch.float16 if self.spec.dtype == "float16" else torch.float32
-        parts, good = [], []
-        for i in range(0, len(image_ids), batch_size):
-            rows, x, failed = load_crops(paths, image_ids[i : i + batch_size], self.prep)
-            for r, why in failed:  # left out of this epoch's val scores, as evaluate leaves them out
-                log.warning("val image %s cannot be read any more (%s); left out of this epoch's val scores",
-                            paths[r], why)
-            if x is not None:
-                good.append(rows.numpy())
-                parts.append(self.features(x, spatial, torch.autocast("cpu", enabled=False)).to(dtype).cpu())
-        if not parts:
+        ids, feats = encode_images(
+            paths, image_ids, self.prep,
+            lambda x: self.features(x, spatial, torch.autocast("cpu", enabled=False)).to(dtype),
+            batch_size, "left out of this epoch's val scores")
+        if feats is None:
             raise CaptionsError("none of the val images can be read any more; they were readable at extraction",
                                 paths[int(image_ids[0])].parent)
-        return TensorStore(np.concatenate(good), torch.cat(parts), self.device)
+        return TensorStore(ids, feats, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint carries: the library model's weights (all of them, strict-loadable),
