@@ -136,8 +136,11 @@ def test_init_from_starts_at_the_fine_tune_phase(tuned, tmp_path):
     assert load_checkpoint(tmp_path / "ft" / "last.pt")["encoder"]["base_features"]["weights"] == "random"
     other = TrainConfig.from_dict({**PLAIN, "scst_epochs": 1, "hidden_dim": 48,
                                    "init_from": str(start)})
-    with pytest.raises(CaptionsError, match="does not fit these decoder settings"):
+    with pytest.raises(CaptionsError, match=r"its decoder settings differ: hidden_dim 32 \(here 48\)"):
         train(data, cache, tmp_path / "other", other, progress=False)
+    lstm = TrainConfig.from_dict({**PLAIN, "model": "lstm", "scst_epochs": 1, "init_from": str(start)})
+    with pytest.raises(CaptionsError, match="its decoder is attn, this run trains lstm"):
+        train(data, cache, tmp_path / "lstm", lstm, progress=False)
 
 
 def test_an_image_unreadable_since_extraction_is_left_out_of_fine_tuning(tuned, tmp_path, caplog):

@@ -337,6 +337,14 @@ class TrainingRun:
             what=f"--init-from: trained on other features than {self.cache.path}")
         if ckpt.get("encoder") is not None and self.encoder is None:
             raise CaptionsError("--init-from: its encoder was fine-tuned; continue it with --fine-tune-encoder", path)
+        if ckpt.get("model") != self.cfg.model:
+            raise CaptionsError(f"--init-from: its decoder is {ckpt.get('model')}, this run trains {self.cfg.model}",
+                                path)
+        given = self.cfg.decoder_settings()
+        differ = sorted(k for k, v in (ckpt.get("decoder_config") or {}).items() if k in given and given[k] != v)
+        if differ:
+            raise CaptionsError("--init-from: its decoder settings differ: " + ", ".join(
+                f"{k} {ckpt['decoder_config'][k]} (here {given[k]})" for k in differ), path)
         try:
             self.load_weights(ckpt["state_dict"])
         except RuntimeError as e:
