@@ -181,10 +181,14 @@ class TunedEncoder:
                                 paths[int(image_ids[0])].parent)
         return TensorStore(ids, feats, self.device)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The library model's weights, all of them, as contiguous CPU tensors (strict-loadable)."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint carries: the library model's weights (all of them, strict-loadable),
         their identity, the first trained block, optimizer and scheduler states."""
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        weights = self.weights()
         return {"state_dict": weights, "identity": weights_identity(weights), "from_block": self.from_block,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,13 +92,23 @@ class CrossEntropy:
         return StepLoss(loss if aux is None else loss + aux, len(rows))
 
 
-def load_chosen_epoch(run, what: str) -> None:
-    """Load the cross-entropy weights ``scst_start`` chooses (``best.pt`` or ``scst_start.pt``,
-    when written) for the phase ``what`` that begins now."""
+def load_chosen_epoch(run) -> Path | None:
+    """Load the cross-entropy weights ``scst_start`` chooses (``best.pt`` or ``scst_start.pt``) for
+    the phase that begins now; returns the file read, or None when it was not written (the weights
+    in memory stay)."""
     source = run.out / ("best.pt" if run.cfg.scst_start == "cider" else SCST_START)
-    if source.exists():
-        run.load_weights(load_checkpoint(source)["state_dict"])
-    log.info("%s from %s", what, source if source.exists() else "the weights in memory")
+    if not source.exists():
+        return None
+    run.load_weights(load_checkpoint(source)["state_dict"])
+    return source
+
+
+def restart_optimizer(run, factor: float) -> None:
+    """For a phase beginning now: fresh Adam moments and every group's learning rate at
+    ``factor`` times its base."""
+    run.optimizer.state.clear()
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
 
 
 class FineTune(CrossEntropy):
@@ -122,11 +133,9 @@ class FineTune(CrossEntropy):
         run = self.run
         if run.state.ft_from is None:
             if not run.cfg.init_from:
-                load_chosen_epoch(run, "encoder fine-tuning")
-            run.optimizer.state.clear()  # fresh Adam moments: the encoder's features move under the decoder
+                log.info("encoder fine-tuning from %s", load_chosen_epoch(run) or "the weights in memory")
             run.state.ft_from = int(run.scheduler.last_epoch)
-            for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
-                group["lr"] = base * self.lr_factor(run.state.ft_from)
+            restart_optimizer(run, self.lr_factor(run.state.ft_from))  # the encoder's features move under it
 
     def start_epoch(self, batches: list[np.ndarray], first: int) -> None:
         """Start decoding the images of ``batches[first:]`` (the epoch's remaining steps)."""
@@ -197,16 +206,12 @@ class SelfCritical:
     def _start(self) -> None:
         run, cfg = self.run, self.run.cfg
         if run.state.ft_from is None:
-            source = run.out / ("best.pt" if cfg.scst_start == "cider" else SCST_START)
-            if source.exists():
-                run.load_weights(load_checkpoint(source)["state_dict"])
+            load_chosen_epoch(run)
             what = self._start_description()
         else:  # the decoder that goes with the fine-tuned encoder: the one in memory
             what = "the last fine-tune epoch"
-        run.optimizer.state.clear()
         run.state.scst_from = int(run.scheduler.last_epoch)
-        for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
-            group["lr"] = base * run.lr_lambda(run.state.scst_from)
+        restart_optimizer(run, run.lr_lambda(run.state.scst_from))
         log.info("self-critical training from %s, lr %g", what, cfg.scst_lr)
 
     def _start_description(self) -> str:

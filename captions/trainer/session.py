@@ -48,14 +48,19 @@ CHANGEABLE_ON_RESUME = ("epochs", "scst_epochs", "scst_lr", "scst_samples", "pat
                         "ram_budget_gb", "checkpoint_every", "eval_batch_size", "fine_tune_workers")
 
 
+def _weights_tag(state: dict[str, torch.Tensor]) -> str:
+    """The tuned weights' short tag in ``encoder-<tag>.pt`` / ``features-<tag>.h5``: 16 hex digits
+    of their ``weights_identity``."""
+    from captions.features.tuning import weights_identity
+
+    return weights_identity(state).split(":")[1][:16]
+
+
 def _holds_weights(path: Path, tag: str) -> bool:
     """Whether ``path`` is a readable state_dict file of the tuned weights tagged ``tag`` (a file
     damaged since it was written is written again from the checkpoint's weights)."""
-    from captions.features.tuning import weights_identity
-
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return weights_identity(state).split(":")[1][:16] == tag
+        return _weights_tag(torch.load(path, map_location="cpu", weights_only=True)) == tag
     except Exception:  # missing, truncated, not a state_dict: all mean "write it"
         return False
 
@@ -363,10 +368,9 @@ class TrainingRun:
         if self.tuned_cache:
             return
         from captions.features.extract import ExtractOptions, extract_features
-        from captions.features.tuning import weights_identity
 
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.encoder.model.state_dict().items()}
-        tag = weights_identity(weights).split(":")[1][:16]
+        weights = self.encoder.weights()
+        tag = _weights_tag(weights)
         wfile, cpath = self.out / f"encoder-{tag}.pt", self.out / f"features-{tag}.h5"
         if self.dist.is_main and not _holds_weights(wfile, tag):
             with atomic_path(wfile) as tmp:
