@@ -48,6 +48,12 @@ def check_compatible(ckpt: dict[str, Any], cache: FeatureCache, vocab_hash: str,
             else f"the checkpoint was trained on other features than {cache.path}")
     FeatureSpec.from_dict(ckpt.get("features") or {}, path=checkpoint).require_compatible(
         cache.spec, FeatureSpec.DECODER_KEYS, what=what, path=checkpoint)
+    check_vocabulary(ckpt, vocab_hash, checkpoint)
+
+
+def check_vocabulary(ckpt: dict[str, Any], vocab_hash: str, checkpoint: Path) -> None:
+    """Refuse a dataset with another vocabulary than the checkpoint's. Raises ``CaptionsError``
+    naming the checkpoint."""
     if ckpt["vocab"].get("hash") != vocab_hash:
         raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another prepared "
                             "dataset?): token ids would not match", checkpoint)
@@ -86,9 +92,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if features is None:
-            if dec.checkpoint["vocab"].get("hash") != ds.vocab.hash:
-                raise CaptionsError("the checkpoint's vocabulary differs from the dataset's (trained on another "
-                                    "prepared dataset?): token ids would not match", checkpoint)
+            check_vocabulary(dec.checkpoint, ds.vocab.hash, checkpoint)
             ids, read_rows = encoded_split(checkpoint, ds, split, dev, batch_size, weights)
         else:
             cache = stack.enter_context(FeatureCache(features))
