@@ -225,14 +225,16 @@ def family_of(name: str) -> str:
     return "torchvision"
 
 
-def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default", image_size: int = 224) -> Backbone:
+def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default", image_size: int = 224, *,
+                   warn_random: bool = True) -> Backbone:
     """Build backbone ``name`` in eval mode for ``image_size`` crops.
 
     ``weights``: ``default`` (the library's pretrained weights, downloaded as usual), ``none``
     (random initialisation, a warning is logged; always the same weights: seeded with
-    ``RANDOM_INIT_SEED`` without touching the caller's RNG) or a path to a state_dict loaded
-    strictly. Raises ``CaptionsError`` for an unknown name (with close matches), a model that
-    cannot run at ``image_size`` (naming the size it needs) or weights that do not fit, and
+    ``RANDOM_INIT_SEED`` without touching the caller's RNG; ``warn_random=False`` for a caller that
+    loads its own weights next) or a path to a state_dict loaded strictly. Raises
+    ``CaptionsError`` for an unknown name (with close matches), a model that cannot run at
+    ``image_size`` (naming the size it needs) or weights that do not fit, and
     ``WeightsUnavailable`` when default weights cannot be had.
     """
     family = family_of(name)
@@ -247,7 +249,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default", image
         raise CaptionsError(f"backbone {name} needs the Python package '{e.name}', which is not installed "
                             f"(scripts/setup.sh installs it)") from None
     bb = build(name, weights, image_size)
-    if weights == "none":
+    if weights == "none" and warn_random:
         log.warning("backbone %s uses RANDOM initialisation (--weights none): features will not carry "
                     "ImageNet knowledge; this is recorded in the cache metadata", name)
     bb.module.eval().requires_grad_(False)

@@ -112,15 +112,7 @@ def tuned_backbone(name: str, image_size: int, state: dict[str, torch.Tensor], i
     """Backbone ``name`` for ``image_size`` crops with the fine-tuned library-model ``state``
     (a checkpoint's ``encoder.state_dict``) loaded strictly, recorded as ``identity``, in eval
     mode without gradients. Raises ``CaptionsError`` when the state does not fit."""
-    import logging
-
-    quiet = logging.getLogger("captions")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # built with random weights first: its warning would mislead
-    try:
-        bb = build_backbone(name, "none", image_size)
-    finally:
-        quiet.setLevel(level)
+    bb = build_backbone(name, "none", image_size, warn_random=False)  # the tuned weights replace them
     model = bb.model if bb.model is not None else bb.module
     try:
         model.load_state_dict(state, strict=True)
