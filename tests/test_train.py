@@ -619,3 +619,30 @@ def test_a_finished_run_without_last_pt_is_refused_not_overwritten(tmp_path, syn
         with pytest.raises(CaptionsError, match="holds best.pt of a run but no last.pt"):
             train(data, cache, run, cfg, resume=resume, progress=False)
     assert (run / "best.pt").read_bytes() == best
+
+
+def test_a_resumed_run_keeps_the_decoder_it_was_built_with(tmp_path, synth):
+    """A run started under older defaults stored only the settings it was given: resuming it must
+    rebuild the decoder from the checkpoint's full ``decoder_config`` (today's defaults would change
+    it), and a setting added since (``global_feature``) reads as the behaviour it was trained with."""
+    from captions.models.checkpoint import load_decoder
+
+    data, cache = synth
+    run = tmp_path / "run"
+    settings = {**TINY, "epochs": 1, "memory_dropout": 0.2}
+    train(data, cache, run, config(model="transformer", **settings), progress=False)
+    ckpt = load_checkpoint(run / "last.pt")
+    # as written before these settings existed or had these defaults
+    ckpt["train_config"]["decoder"] = {k: v for k, v in ckpt["train_config"]["decoder"].items()
+                                       if k not in ("memory_dropout", "global_feature")}
+    del ckpt["decoder_config"]["global_feature"]
+    torch.save(ckpt, run / "last.pt")
+    assert load_decoder(run / "last.pt").model.global_proj is None
+
+    plain = {k: v for k, v in settings.items() if k != "memory_dropout"}
+    result = train(data, cache, run, config(model="transformer", **{**plain, "epochs": 2}), resume=True,
+                   progress=False, given=["epochs"])
+    assert result["epochs_run"] == 2
+    resumed = load_checkpoint(run / "last.pt")
+    assert resumed["decoder_config"]["memory_dropout"] == 0.2
+    assert resumed["decoder_config"]["global_feature"] is False

@@ -33,7 +33,8 @@ def feats(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 5, 6, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("settings", [{}, {"encoder_layers": 1, "positions": "learned", "tie_embeddings": True}])
+@pytest.mark.parametrize("settings", [{}, {"encoder_layers": 1, "positions": "learned", "tie_embeddings": True},
+                                      {"global_feature": True}])
 def test_the_cache_gives_the_same_greedy_and_beam_results(settings):
     model, f = tiny(**settings), feats(8)
     cached = greedy_decode(model, f, 16), beam_search(model, f, 16, beam_size=3)
@@ -47,8 +48,9 @@ def test_the_cache_gives_the_same_greedy_and_beam_results(settings):
         torch.testing.assert_close(maps_a, maps_b, rtol=0, atol=1e-5)
 
 
-def test_beam_results_do_not_depend_on_the_batch():
-    model, f = tiny(), feats(6)
+@pytest.mark.parametrize("settings", [{}, {"global_feature": True}])
+def test_beam_results_do_not_depend_on_the_batch(settings):
+    model, f = tiny(**settings), feats(6)
     whole = beam_search(model, f, 12, beam_size=4)
     for i in range(6):
         one = beam_search(model, f[i : i + 1], 12, beam_size=4)
@@ -56,8 +58,9 @@ def test_beam_results_do_not_depend_on_the_batch():
         torch.testing.assert_close(one[1][0], whole[1][i], rtol=0, atol=1e-5)
 
 
-def test_teacher_forcing_equals_the_steps_and_groups_captions_by_image():
-    model, f = tiny(encoder_layers=1), feats(3)
+@pytest.mark.parametrize("settings", [{"encoder_layers": 1}, {"global_feature": True}])
+def test_teacher_forcing_equals_the_steps_and_groups_captions_by_image(settings):
+    model, f = tiny(**settings), feats(3)
     tokens = torch.randint(4, 14, (5, 7))
     index = torch.tensor([2, 0, 2, 1, 0])
     grouped, alphas = model(f, tokens, image_index=index)
@@ -72,9 +75,9 @@ def test_teacher_forcing_equals_the_steps_and_groups_captions_by_image():
 
 
 def test_sampling_keeps_one_memory_per_image():
-    model, f = tiny(), feats(3)
+    model, f = tiny(global_feature=True), feats(3)
     state = model.expand_state(model.init_state(f), 4)
-    assert state["mk0"].shape[0] == 3 and state["k0"].shape[0] == 12
+    assert state["mk0"].shape[0] == 3 and state["global"].shape[0] == 3 and state["k0"].shape[0] == 12
     torch.manual_seed(0)
     out = generate(model, f, 10, Sample(4))
     assert out.tokens.shape[0] == 12 and out.token_logp.requires_grad

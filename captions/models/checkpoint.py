@@ -24,7 +24,7 @@ import torch
 from captions.errors import CaptionsError, output_error
 from captions.fsutil import atomic_path, fault_point
 from captions.models.base import CaptionDecoder
-from captions.models.registry import DecoderConfig, decoder_config, decoder_entry
+from captions.models.registry import DecoderConfig, decoder_config, decoder_entry, stored_decoder_config
 
 FORMAT_NAME = "captions-checkpoint"
 FORMAT_VERSION = 1
@@ -104,7 +104,7 @@ def load_decoder(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     """
     ckpt = load_checkpoint(path)
     try:
-        model = build_decoder(ckpt["model"], decoder_config(ckpt["model"], ckpt["decoder_config"]))
+        model = build_decoder(ckpt["model"], stored_decoder_config(ckpt["model"], ckpt["decoder_config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, CaptionsError) as e:
         raise CaptionsError(f"checkpoint does not describe a usable decoder ({type(e).__name__}: "

@@ -28,6 +28,9 @@ class DecoderConfig:
 
     # the fields that give the word embedding's size and the size of what the output layer reads
     dims: ClassVar[tuple[str, str]] = ("embed_dim", "hidden_dim")
+    # settings added after checkpoints were written: the value that gives the behaviour a stored
+    # config that lacks them was trained with (read by ``stored_decoder_config``)
+    absent_means: ClassVar[dict[str, Any]] = {}
 
     def check(self) -> None:
         """Raise ``ValueError`` for settings that cannot go together (each alone is checked by its bounds)."""
@@ -94,6 +97,8 @@ class TransformerConfig(DecoderConfig):
     memory_dropout: float = setting(0.5, "Dropout on the projected features (the memory) before the blocks "
                                          "attend over them (as self-critical.pytorch's att_embed; on ucm val "
                                          "CIDEr 2.730 -> 2.873 against none).", min=0, max=0.95)
+    global_feature: bool = setting(False, "Add a projection of the mean feature (the whole image) to every "
+                                          "word's input, as the LSTM decoders start from it.")
     positions: str = setting("sinusoidal", "Word position encodings.",
                              choices=("sinusoidal", "learned"))
     tie_embeddings: bool = setting(False, "Share the word embedding with the output layer.")
@@ -101,6 +106,7 @@ class TransformerConfig(DecoderConfig):
                                      "decays it; at most a quarter of the cross-entropy steps.", min=0)
     max_positions: int = internal(128)  # longest caption (words + <START>/<END>) the positions cover
     dims: ClassVar[tuple[str, str]] = ("d_model", "d_model")
+    absent_means: ClassVar[dict[str, Any]] = {"global_feature": False}
 
     def check(self) -> None:
         if self.d_model % self.heads:
@@ -156,3 +162,10 @@ def decoder_config(name: str, settings: dict[str, Any] | None = None, **more: An
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in {**(settings or {}), **more}.items() if k in names}
     return cls(**values)
+
+
+def stored_decoder_config(name: str, stored: dict[str, Any]) -> DecoderConfig:
+    """The config of a decoder stored in a checkpoint (its ``decoder_config``): settings it lacks
+    take the behaviour it was trained with (``absent_means``), not today's defaults. Raises
+    ``CaptionsError`` for an unknown decoder."""
+    return decoder_config(name, {**decoder_entry(name).config.absent_means, **stored})

@@ -128,6 +128,7 @@ class TransformerDecoder(CaptionDecoder):
         self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False) \
             if cfg.encoder_layers else None
         self.ln_memory = nn.LayerNorm(d)
+        self.global_proj = nn.Linear(cfg.feature_dim, d) if cfg.global_feature else None
         self.blocks = nn.ModuleList(DecoderBlock(d, cfg.heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.layers))
         self.ln_out = nn.LayerNorm(d)
         self.word_drop = MaskDropout(cfg.dropout)
@@ -136,7 +137,7 @@ class TransformerDecoder(CaptionDecoder):
         else:
             self.register_buffer("position_table", sinusoid_table(cfg.max_positions, d), persistent=False)
         self.use_kv_cache = True
-        self.image_keys = (*(f"m{kv}{i}" for i in range(cfg.layers) for kv in "kv"), "memory")
+        self.image_keys = (*(f"m{kv}{i}" for i in range(cfg.layers) for kv in "kv"), "memory", "global")
 
     @property
     def warmup_steps(self) -> int:
@@ -149,14 +150,23 @@ class TransformerDecoder(CaptionDecoder):
             memory = self.encoder(memory)
         return self.ln_memory(memory)
 
-    def embed_words(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """tokens (B, T) at positions start.. start + T - 1 -> (B, T, d), scaled, positioned, dropped out."""
+    def global_input(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """feats (M, P, C) -> the projected mean feature (M, d) added to every word's input, or None
+        without ``global_feature``."""
+        return None if self.global_proj is None else self.global_proj(feats.mean(dim=1))
+
+    def embed_words(self, tokens: torch.Tensor, start: int | torch.Tensor = 0,
+                    image: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions start.. start + T - 1 -> (B, T, d), scaled, positioned, plus
+        ``image`` (B, d) (``global_input`` per row) when given, dropped out."""
         positions = torch.arange(tokens.shape[1], device=tokens.device) + start
         if self.cfg.positions == "learned":
             pos = self.positions(positions)
         else:
             pos = self.position_table[positions].to(self.embed.weight.dtype)
         x = self.embed_drop(self.embed(tokens)) * math.sqrt(self.cfg.d_model) + pos
+        if image is not None:
+            x = x + image.unsqueeze(1)
         return self.word_drop(x)
 
     def _decode(self, x: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -177,7 +187,10 @@ class TransformerDecoder(CaptionDecoder):
         -> logits (N, T, V), None. With ``image_index`` the memory and its keys and values are
         computed once per image and each image's captions attend over it together."""
         memory_kv = [b.memory_kv(self.encode(feats)) for b in self.blocks]
-        x = self.embed_words(tokens)
+        image = self.global_input(feats)
+        if image is not None and image_index is not None:
+            image = image.index_select(0, image_index)
+        x = self.embed_words(tokens, image=image)
         slots = None
         if image_index is not None:
             S, slots = caption_slots(image_index, feats.shape[0])
@@ -193,9 +206,13 @@ class TransformerDecoder(CaptionDecoder):
         and empty word caches (N, heads, 0, dh), whose length is the position of the next word;
         without it, the memory (N, P, d) and the words so far (N, 0)."""
         memory = self.encode(feats)
-        if not self.use_kv_cache:
-            return {"memory": memory, "prefix": torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)}
         state: State = {}
+        image = self.global_input(feats)
+        if image is not None:
+            state["global"] = image
+        if not self.use_kv_cache:
+            return {**state, "memory": memory,
+                    "prefix": torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)}
         empty = memory.new_zeros(feats.shape[0], self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
         for i, block in enumerate(self.blocks):
             state[f"mk{i}"], state[f"mv{i}"] = block.memory_kv(memory)
@@ -205,15 +222,18 @@ class TransformerDecoder(CaptionDecoder):
     def step(self, tokens: torch.Tensor, state: State):
         """tokens (B,) -> logits (B, V), the new state, the word's attention map (B, P)."""
         new = dict(state)
+        image = state.get("global")
+        if image is not None:  # one row per image: each of its captions adds it
+            image = image.repeat_interleave(tokens.shape[0] // image.shape[0], dim=0)
         if self.use_kv_cache:
             memory_kv = [(state[f"mk{i}"], state[f"mv{i}"]) for i in range(len(self.blocks))]
             past = [(state[f"k{i}"], state[f"v{i}"]) for i in range(len(self.blocks))]
-            x = self.embed_words(tokens.unsqueeze(1), start=past[0][0].shape[2])
+            x = self.embed_words(tokens.unsqueeze(1), start=past[0][0].shape[2], image=image)
             h, kvs, w = self._decode(x, memory_kv, past, need_weights=True)
             for i, (k, v) in enumerate(kvs):
                 new[f"k{i}"], new[f"v{i}"] = k, v
         else:  # the memory's keys and values and the whole prefix again: the reference for the cache
             memory_kv = [b.memory_kv(state["memory"]) for b in self.blocks]
             new["prefix"] = torch.cat([state["prefix"], tokens.unsqueeze(1)], dim=1)
-            h, _, w = self._decode(self.embed_words(new["prefix"]), memory_kv, need_weights=True)
+            h, _, w = self._decode(self.embed_words(new["prefix"], image=image), memory_kv, need_weights=True)
         return self.out(h[:, -1]), new, w[:, -1]

@@ -21,7 +21,8 @@ from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
 from captions.fsutil import atomic_path
 from captions.models.checkpoint import build_decoder, load_checkpoint, save_checkpoint
-from captions.models.registry import decoder_config
+from captions.models.registry import decoder_config, decoder_entry, stored_decoder_config
+from captions.options import option_fields
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.trainer.commit import repair
 from captions.trainer.config import TrainConfig
@@ -133,6 +134,9 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         path=last)
     # settings a run from an older version lacks take the behaviour it was started with
     stored = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
+    if stored.model == ckpt.get("model") and ckpt.get("decoder_config"):  # the decoder as it was built
+        built = asdict(stored_decoder_config(stored.model, ckpt["decoder_config"]))
+        stored.decoder = {f.name: built[f.name] for f in option_fields(decoder_entry(stored.model).config)}
     resumed = resumed_config(stored, cfg, given, last)
     if resumed.epochs != stored.epochs:
         if ckpt.get("scst_from") is not None:
@@ -346,10 +350,11 @@ class TrainingRun:
             raise CaptionsError(f"--init-from: its decoder is {ckpt.get('model')}, this run trains {self.cfg.model}",
                                 path)
         given = self.cfg.decoder_settings()
-        differ = sorted(k for k, v in (ckpt.get("decoder_config") or {}).items() if k in given and given[k] != v)
+        stored = asdict(stored_decoder_config(self.cfg.model, ckpt.get("decoder_config") or {}))
+        differ = sorted(k for k, v in stored.items() if k in given and given[k] != v)
         if differ:
             raise CaptionsError("--init-from: its decoder settings differ: " + ", ".join(
-                f"{k} {ckpt['decoder_config'][k]} (here {given[k]})" for k in differ), path)
+                f"{k} {stored[k]} (here {given[k]})" for k in differ), path)
         try:
             self.load_weights(ckpt["state_dict"])
         except RuntimeError as e:
