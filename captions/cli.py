@@ -459,7 +459,8 @@ def baseline_nn_cmd(data_dir, features, split, k, out, as_json) -> None:
 @click.option("--length-penalty", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Rank finished captions by log-prob / length**P (0: plain log-prob).")
 @click.option("--attention-map", "attention_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="attn models: write DIR/<image name>.png, the photo with a heat map per generated word.")
+              help="attn and transformer models: write DIR/<image name>.png, the photo with a heat map "
+                   "per generated word.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The backbone's state_dict file, when the checkpoint's features came from one (sha256 checked).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per forward pass.")

@@ -621,28 +621,37 @@ def test_a_finished_run_without_last_pt_is_refused_not_overwritten(tmp_path, syn
     assert (run / "best.pt").read_bytes() == best
 
 
-def test_a_resumed_run_keeps_the_decoder_it_was_built_with(tmp_path, synth):
-    """A run started under older defaults stored only the settings it was given: resuming it must
-    rebuild the decoder from the checkpoint's full ``decoder_config`` (today's defaults would change
-    it), and a setting added since (``global_feature``) reads as the behaviour it was trained with."""
+def _written_before(path, *names, from_decoder_config=True):
+    """Rewrite checkpoint ``path`` as a version that stored none of the settings ``names`` wrote it."""
+    ckpt = load_checkpoint(path)
+    ckpt["train_config"]["decoder"] = {k: v for k, v in ckpt["train_config"]["decoder"].items() if k not in names}
+    if from_decoder_config:
+        ckpt["decoder_config"] = {k: v for k, v in ckpt["decoder_config"].items() if k not in names}
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("memory_dropout,from_decoder_config", [(0.2, False), (0.0, True)])
+def test_a_resumed_run_keeps_the_decoder_it_was_built_with(tmp_path, synth, memory_dropout, from_decoder_config):
+    """A run keeps the decoder it was built with when resumed or continued with --init-from: a
+    setting whose default changed since (stored only in ``decoder_config``, not among the settings
+    the run was given), and settings added since (stored nowhere: ``absent_means``; the first
+    transformers had no memory dropout and no global feature), not today's defaults (0.5, off)."""
     from captions.models.checkpoint import load_decoder
 
     data, cache = synth
     run = tmp_path / "run"
-    settings = {**TINY, "epochs": 1, "memory_dropout": 0.2}
+    settings = {**TINY, "epochs": 1, "memory_dropout": memory_dropout}
     train(data, cache, run, config(model="transformer", **settings), progress=False)
-    ckpt = load_checkpoint(run / "last.pt")
-    # as written before these settings existed or had these defaults
-    ckpt["train_config"]["decoder"] = {k: v for k, v in ckpt["train_config"]["decoder"].items()
-                                       if k not in ("memory_dropout", "global_feature")}
-    del ckpt["decoder_config"]["global_feature"]
-    torch.save(ckpt, run / "last.pt")
+    _written_before(run / "last.pt", "memory_dropout", "global_feature", from_decoder_config=from_decoder_config)
     assert load_decoder(run / "last.pt").model.global_proj is None
 
     plain = {k: v for k, v in settings.items() if k != "memory_dropout"}
+    scst = config(model="transformer", **{**plain, "memory_dropout": memory_dropout, "scst_epochs": 1,
+                                          "init_from": str(run / "last.pt")})
+    train(data, cache, tmp_path / "continued", scst, progress=False)  # not refused: the same decoder
     result = train(data, cache, run, config(model="transformer", **{**plain, "epochs": 2}), resume=True,
                    progress=False, given=["epochs"])
     assert result["epochs_run"] == 2
     resumed = load_checkpoint(run / "last.pt")
-    assert resumed["decoder_config"]["memory_dropout"] == 0.2
+    assert resumed["decoder_config"]["memory_dropout"] == memory_dropout
     assert resumed["decoder_config"]["global_feature"] is False

@@ -97,8 +97,8 @@ class TransformerConfig(DecoderConfig):
     memory_dropout: float = setting(0.5, "Dropout on the projected features (the memory) before the blocks "
                                          "attend over them (as self-critical.pytorch's att_embed; on ucm val "
                                          "CIDEr 2.730 -> 2.873 against none).", min=0, max=0.95)
-    global_feature: bool = setting(False, "Add a projection of the mean feature (the whole image) to every "
-                                          "word's input, as the LSTM decoders start from it.")
+    global_feature: bool = setting(False, "Add a projection of the mean feature (the whole image; attn's "
+                                          "LSTM state starts from it) to every word's input.")
     positions: str = setting("sinusoidal", "Word position encodings.",
                              choices=("sinusoidal", "learned"))
     tie_embeddings: bool = setting(False, "Share the word embedding with the output layer.")
@@ -106,7 +106,8 @@ class TransformerConfig(DecoderConfig):
                                      "decays it; at most a quarter of the cross-entropy steps.", min=0)
     max_positions: int = internal(128)  # longest caption (words + <START>/<END>) the positions cover
     dims: ClassVar[tuple[str, str]] = ("d_model", "d_model")
-    absent_means: ClassVar[dict[str, Any]] = {"global_feature": False}
+    # checkpoints of the first transformers lack memory_dropout (they had none) and global_feature
+    absent_means: ClassVar[dict[str, Any]] = {"memory_dropout": 0.0, "global_feature": False}
 
     def check(self) -> None:
         if self.d_model % self.heads:

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ class CaptionService:
         ckpt = self.captioner.decoder.checkpoint
         feats = ckpt.get("features") or {}
         o = self.options
-        return {"decoder": ckpt.get("model"), "decoder_config": ckpt.get("decoder_config") or {},
+        return {"decoder": ckpt.get("model"), "decoder_config": asdict(self.captioner.decoder.model.cfg),
                 "backbone": feats.get("backbone"), "weights": feats.get("weights"),
                 "image_size": feats.get("image_size"), "preprocessing": self.captioner.preprocessing.to_dict(),
                 "feature_grid": list(self.captioner.spatial_shape),

@@ -134,9 +134,8 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         path=last)
     # settings a run from an older version lacks take the behaviour it was started with
     stored = TrainConfig.from_dict({"scst_epochs": 0, "scst_start": "cider", **ckpt["train_config"]})
-    if stored.model == ckpt.get("model") and ckpt.get("decoder_config"):  # the decoder as it was built
-        built = asdict(stored_decoder_config(stored.model, ckpt["decoder_config"]))
-        stored.decoder = {f.name: built[f.name] for f in option_fields(decoder_entry(stored.model).config)}
+    if stored.model == ckpt.get("model") and ckpt.get("decoder_config"):
+        stored.decoder = built_decoder_settings(ckpt)
     resumed = resumed_config(stored, cfg, given, last)
     if resumed.epochs != stored.epochs:
         if ckpt.get("scst_from") is not None:
@@ -145,6 +144,16 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
         if resumed.epochs < ckpt["epoch"]:
             raise CaptionsError(f"--epochs {resumed.epochs} is fewer than the {ckpt['epoch']} epochs already run", last)
     return ckpt, resumed
+
+
+def built_decoder_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The decoder settings a checkpoint's model was built with: its ``decoder_config`` over the
+    settings its run was given (older checkpoints kept some only there), and for settings added
+    since, the behaviour it was trained with (``stored_decoder_config``), not today's defaults."""
+    model = ckpt["model"]
+    given = TrainConfig.from_dict(ckpt.get("train_config") or {"model": model}).decoder
+    built = asdict(stored_decoder_config(model, {**given, **(ckpt.get("decoder_config") or {})}))
+    return {f.name: built[f.name] for f in option_fields(decoder_entry(model).config)}
 
 
 def base_features(ckpt: dict[str, Any], path: Path) -> FeatureSpec:
@@ -350,7 +359,7 @@ class TrainingRun:
             raise CaptionsError(f"--init-from: its decoder is {ckpt.get('model')}, this run trains {self.cfg.model}",
                                 path)
         given = self.cfg.decoder_settings()
-        stored = asdict(stored_decoder_config(self.cfg.model, ckpt.get("decoder_config") or {}))
+        stored = built_decoder_settings(ckpt)
         differ = sorted(k for k, v in stored.items() if k in given and given[k] != v)
         if differ:
             raise CaptionsError("--init-from: its decoder settings differ: " + ", ".join(
