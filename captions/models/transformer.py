@@ -9,7 +9,8 @@ network and on the words; not on the attention weights, whose CPU dropout costs 
 helps here); a final LayerNorm precedes the output layer (tied to the
 word embedding with ``tie_embeddings``). Attention is ``torch.nn.functional.scaled_dot_product_attention``;
 the last block's cross-attention weights, averaged over heads, are the attention map of each
-generated word.
+generated word. With ``global_feature`` a projection of the mean feature (the whole image) is
+added to every word's input, as attn's LSTM state starts from that mean.
 
 Generation keeps, per block, the keys and values of the words so far (``k{l}``/``v{l}``) and of
 the memory (``mk{l}``/``mv{l}``, one row per image: ``image_keys``), so a step costs one word, not
@@ -204,7 +205,8 @@ class TransformerDecoder(CaptionDecoder):
     def init_state(self, feats: torch.Tensor) -> State:
         """feats (N, P, C) -> with the cache, the memory's keys and values per block (N, heads, P, dh)
         and empty word caches (N, heads, 0, dh), whose length is the position of the next word;
-        without it, the memory (N, P, d) and the words so far (N, 0)."""
+        without it, the memory (N, P, d) and the words so far (N, 0); with ``global_feature`` also
+        ``global`` (N, d), one row per image like the memory."""
         memory = self.encode(feats)
         state: State = {}
         image = self.global_input(feats)
