@@ -13,7 +13,7 @@ from captions import __version__
 from captions.demo import DemoOptions
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS
-from captions.options import checked_value, click_options, field_default, option_fields, read_config_file
+from captions.options import checked_value, click_options, field_default, flag, option_fields, read_config_file
 from captions.pipeline.settings import PrepareOptions, prepare_option_fields
 from captions.serve.settings import ServeOptions
 from captions.trainer.config import TrainConfig
@@ -305,7 +305,7 @@ def _train_config(model: str, given: dict, config: Path | None) -> TrainConfig:
     training = {f.name for f in option_fields(TrainConfig)}
     for name in sorted(set(given) - own - training - {"model", *_PATHS}):
         where = f" (in {config})" if config is not None else ""
-        raise CaptionsError(f"--{name.replace('_', '-')} does not apply to {model}{where}")
+        raise CaptionsError(f"{flag(name)} does not apply to {model}{where}")
     return TrainConfig.from_dict({"model": model, **{k: v for k, v in given.items() if k in training},
                                   "decoder": {k: v for k, v in given.items() if k in own}})
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS, decoder_config, decoder_entry
-from captions.options import option_fields, setting, validate
+from captions.options import flag, option_fields, setting, validate
 
 # settings of the fine-tune phase: refused without --fine-tune-encoder rather than ignored
 FINE_TUNE_SETTINGS = ("encoder_lr", "fine_tune_from_block", "encoder_epochs", "augment", "fine_tune_decoder_lr",
@@ -115,7 +115,7 @@ class TrainConfig:
         if self.init_from and not self.fine_tune_encoder and self.scst_epochs == 0:
             raise CaptionsError("--init-from skips the cross-entropy epochs: it needs --fine-tune-encoder or "
                                 "--scst-epochs > 0 to have something to train")
-        tuned = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+        tuned = [flag(f.name) for f in fields(self)
                  if f.name in FINE_TUNE_SETTINGS and getattr(self, f.name) != f.default]
         if tuned and not self.fine_tune_encoder:
             raise CaptionsError(f"{', '.join(tuned)}: only with --fine-tune-encoder")
