@@ -122,7 +122,7 @@ def encoded_split(checkpoint: Path, ds: PreparedDataset, split: str, device: tor
 
     cap = Captioner.from_checkpoint(checkpoint, device=device, weights=weights)
     ids = ds.require_split(split)
-    paths = [ds.image_path(int(i)) for i in range(len(ds.images))]
+    paths = ds.image_paths()
     good_ids, feats = encode_images(paths, ids, cap.preprocessing, cap.features, batch_size, "left out")
     if feats is None:
         raise CaptionsError(f"none of the {len(ids)} '{split}' image(s) could be read: nothing to caption", ds.root)

@@ -286,7 +286,7 @@ def _run_rows(pending: np.ndarray, ds: PreparedDataset, bb: Backbone, opts: Extr
 
     device = dist.device
     names = [im["name"] for im in ds.images]
-    paths = [ds.image_path(i) for i in range(len(names))]
+    paths = ds.image_paths()
     channels_last = opts.channels_last in ("on", "auto")
     fwd = FeatureForward(bb, device, channels_last, resolve_precision(opts.precision, device), inplace=True)
     workers = opts.workers if opts.workers is not None or device.type != "cuda" else min(4, os.cpu_count() or 1)

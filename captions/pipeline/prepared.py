@@ -76,6 +76,10 @@ class PreparedDataset:
         """Path of the resized JPEG of image ``image_id``."""
         return self.root / self.images[image_id]["file"]
 
+    def image_paths(self) -> list[Path]:
+        """Paths of every image's resized JPEG, indexed by image id."""
+        return [self.image_path(i) for i in range(len(self.images))]
+
     def split_image_ids(self, split: str) -> np.ndarray:
         """Ids of the images in ``split`` (int64, ascending)."""
         return np.array([im["id"] for im in self.images if im["split"] == split], dtype=np.int64)

@@ -188,7 +188,7 @@ class TrainingRun:
         self.total_steps = len(self.epoch_batches(0, split=False)) // self.dist.world * cfg.epochs
         self.warmup_steps = self._warmup(self.core.warmup_steps)
         self.base_spec, self.tuned_cache = cache.spec, False
-        self.image_paths = [ds.image_path(i) for i in range(len(ds.images))]
+        self.image_paths = ds.image_paths()
         self.fine_tune_steps = self.total_steps // max(cfg.epochs, 1) * cfg.fine_tune_epochs
         self.encoder: TunedEncoder | None = None
         if cfg.fine_tune_encoder:
