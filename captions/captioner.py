@@ -146,10 +146,7 @@ class Captioner:
         bb = checkpoint_backbone(dec.checkpoint, spec, weights)
         if TokenLayout.parse(spec.token_layout).pooled == "mean":  # caches from before pooled=model existed
             bb = mean_pooled(bb)
-        recorded = spec.preprocessing  # "none" above is seeded: the same random weights as at extraction
-        prep = Preprocessing(resize=int(recorded["resize"]), crop=int(recorded["crop"]),
-                             mean=tuple(recorded["mean"]), std=tuple(recorded["std"]),
-                             interpolation=str(recorded["interpolation"]))
+        prep = Preprocessing.from_dict(spec.preprocessing)  # "none" above is seeded: the weights of extraction
         if prep != bb.preprocessing:
             log.warning("using the checkpoint's recorded preprocessing %s (the backbone's default now is %s)",
                         prep.to_dict(), bb.preprocessing.to_dict())

@@ -52,6 +52,12 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """The preprocessing ``to_dict`` (or a feature spec's ``preprocessing``) recorded."""
+        return cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=str(d["interpolation"]))
+
 
 @dataclass
 class Backbone:

@@ -33,13 +33,6 @@ from captions.trainer.phases import lr_factor
 log = logging.getLogger("captions")
 
 
-def recorded_preprocessing(spec: FeatureSpec) -> Preprocessing:
-    """The preprocessing a feature spec recorded (what extraction did)."""
-    p = spec.preprocessing
-    return Preprocessing(resize=int(p["resize"]), crop=int(p["crop"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
-                         interpolation=str(p["interpolation"]))
-
-
 def flip_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
     """uint8 (M, 3, R, R) resized squares -> (M, 3, crop, crop): a random ``crop`` square of each,
     flipped left-right with probability 1/2 (the classic ImageNet training augmentation, Krizhevsky
@@ -135,7 +128,7 @@ class TunedEncoder:
                                 f"{bb.grid} grid, the cache {spec.channels} on {tuple(spec.spatial_shape)}")
         self.bb: Backbone = bb
         self.model = bb.model if bb.model is not None else bb.module
-        self.prep = recorded_preprocessing(spec)
+        self.prep = Preprocessing.from_dict(spec.preprocessing)  # what extraction did
         self.params = trainable_parameters(bb, from_block)
         self.from_block = from_block
         bb.module.to(device)
