@@ -82,11 +82,16 @@ def main() -> None:
           f"{cache.metadata['backbone']} {cache.num_positions} positions x {cache.channels}")
     print("| decoder | train captions/s | greedy images/s | beam 3 images/s |")
     print("|---|---|---|---|")
-    for name in ("attn", "transformer"):
+    # the transformer's defaults, and without the encoder layer and whole-image input it had by default before
+    decoders = [("attn", "attn", {}), ("transformer (defaults)", "transformer", {}),
+                ("transformer, --encoder-layers 0 --no-global-feature", "transformer",
+                 {"encoder_layers": 0, "global_feature": False})]
+    for title, name, settings in decoders:
         torch.manual_seed(0)
-        model = build_decoder(name, decoder_config(name, vocab_size=len(ds.vocab), feature_dim=cache.channels))
+        model = build_decoder(name, decoder_config(name, settings, vocab_size=len(ds.vocab),
+                                                   feature_dim=cache.channels))
         train = train_rate(model, ds, store, rows, args.steps)
-        runs = [(name, True)] if name == "attn" else [(name, True), (f"{name} without the cache", False)]
+        runs = [(title, True)] if name == "attn" else [(title, True), (f"{title}, without the cache", False)]
         for label, cached in runs:
             model.use_kv_cache = cached
             greedy = decode_rate(model, store, ids, args.words, 1)

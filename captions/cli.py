@@ -321,7 +321,7 @@ def _train_config(model: str, given: dict, config: Path | None) -> TrainConfig:
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML or JSON file of settings (names as the options, without '--'; also model, data, "
                    "features, out); options given on the command line override it. A run's config.json "
-                   "is such a file.")
+                   "is such a file (it records the settings, not --data, --features and --out).")
 @click_options(_train_fields())
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

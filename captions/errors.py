@@ -35,6 +35,13 @@ def os_reason(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its lines joined; ``load_state_dict`` gives its reason
+    only after the first), cut at ``limit`` characters; else the exception's type."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return (text[:limit] + "…" if len(text) > limit else text) or type(e).__name__
+
+
 def output_error(path: object, e: BaseException, note: str = "") -> OutputError:
     """One line for a failed write of ``path``: ``<path>: <system reason>[; note]``."""
     return OutputError(f"{os_reason(e)}{'; ' + note if note else ''}", path)

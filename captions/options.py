@@ -49,6 +49,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def as_option(name: str, value: Any) -> str:
+    """A setting as it is given on the command line: ``("hidden_dim", 32)`` -> ``--hidden-dim 32``,
+    ``("global_feature", False)`` -> ``--no-global-feature``."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {value}"
+
+
 def field_default(f: dataclasses.Field) -> Any:
     """A field's default value (made by its factory for mutable defaults)."""
     if f.default is not dataclasses.MISSING:

@@ -136,7 +136,7 @@ def test_init_from_starts_at_the_fine_tune_phase(tuned, tmp_path):
     assert load_checkpoint(tmp_path / "ft" / "last.pt")["encoder"]["base_features"]["weights"] == "random"
     other = TrainConfig.from_dict({**PLAIN, "scst_epochs": 1, "hidden_dim": 48,
                                    "init_from": str(start)})
-    with pytest.raises(CaptionsError, match=r"its decoder settings differ: hidden_dim 32 \(here 48\)"):
+    with pytest.raises(CaptionsError, match=r"its decoder settings differ: --hidden-dim 32 \(here --hidden-dim 48\)"):
         train(data, cache, tmp_path / "other", other, progress=False)
     lstm = TrainConfig.from_dict({**PLAIN, "model": "lstm", "scst_epochs": 1, "init_from": str(start)})
     with pytest.raises(CaptionsError, match="its decoder is attn, this run trains lstm"):

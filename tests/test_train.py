@@ -529,14 +529,15 @@ def test_resume_applies_the_settings_that_may_change_and_refuses_the_others(tmp_
               "--hidden-dim", "16", "--embed-dim", "8", "--checkpoint-every", "0"]
     first = CliRunner().invoke(main, ["train", "lstm", *common, "--epochs", "1", "--scst-epochs", "0"])
     assert first.exit_code == 0, first.output
-    for extra, message in [(["--lr", "0.5"], "lr 0.001 (asked 0.5)"), (["--hidden-dim", "32"], "hidden_dim 16"),
-                           (["--no-feature-as-input", "--batch-size", "8"], "batch_size 16 (asked 8)")]:
+    for extra, message in [(["--lr", "0.5"], "--lr 0.001 (asked --lr 0.5)"),
+                           (["--hidden-dim", "32"], "--hidden-dim 16"),
+                           (["--no-feature-as-input", "--batch-size", "8"], "--batch-size 16 (asked --batch-size 8)")]:
         args = ["train", "lstm", *common, *extra, "--resume"]
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 1 and message in refused.output and refused.output.count("\n") == 1, \
             refused.output
     wrong_model = CliRunner().invoke(main, ["train", "rnn", *common, "--resume"])
-    assert wrong_model.exit_code == 1 and "model 'lstm' (asked 'rnn')" in wrong_model.output
+    assert wrong_model.exit_code == 1 and "model lstm (asked model rnn)" in wrong_model.output
     # not repeating --epochs keeps the stored 1 (nothing left to do); more epochs are applied and logged
     again = CliRunner().invoke(main, ["train", "lstm", *common, "--resume"])
     assert again.exit_code == 0 and len(read_metrics(run)) == 1
@@ -635,20 +636,29 @@ def test_a_resumed_run_keeps_the_decoder_it_was_built_with(tmp_path, synth, memo
     """A run keeps the decoder it was built with when resumed or continued with --init-from: a
     setting whose default changed since (stored only in ``decoder_config``, not among the settings
     the run was given), and settings added since (stored nowhere: ``absent_means``; the first
-    transformers had no memory dropout and no global feature), not today's defaults (0.5, off)."""
+    transformers had no memory dropout and no global feature), not today's defaults (0.5, on)."""
     from captions.models.checkpoint import load_decoder
 
     data, cache = synth
     run = tmp_path / "run"
-    settings = {**TINY, "epochs": 1, "memory_dropout": memory_dropout}
+    first = {"memory_dropout": memory_dropout, "global_feature": False}
+    settings = {**TINY, "epochs": 1, **first}
     train(data, cache, run, config(model="transformer", **settings), progress=False)
     _written_before(run / "last.pt", "memory_dropout", "global_feature", from_decoder_config=from_decoder_config)
     assert load_decoder(run / "last.pt").model.global_proj is None
+    wrong = load_checkpoint(run / "last.pt")
+    wrong["decoder_config"]["global_feature"] = True  # a decoder config its weights do not fit
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CaptionsError, match=r"usable decoder \(RuntimeError: .*Missing key.*global_proj"):
+        load_decoder(tmp_path / "wrong.pt")  # the reason, not only load_state_dict's first line
 
-    plain = {k: v for k, v in settings.items() if k != "memory_dropout"}
-    scst = config(model="transformer", **{**plain, "memory_dropout": memory_dropout, "scst_epochs": 1,
-                                          "init_from": str(run / "last.pt")})
+    plain = {k: v for k, v in settings.items() if k not in first}
+    scst = config(model="transformer", **{**plain, **first, "scst_epochs": 1, "init_from": str(run / "last.pt")})
     train(data, cache, tmp_path / "continued", scst, progress=False)  # not refused: the same decoder
+    today = config(model="transformer", **{**plain, "memory_dropout": memory_dropout, "scst_epochs": 1,
+                                           "init_from": str(run / "last.pt")})
+    with pytest.raises(CaptionsError, match=r"settings differ: --no-global-feature \(here --global-feature\)"):
+        train(data, cache, tmp_path / "today", today, progress=False)  # today's default is another decoder
     result = train(data, cache, run, config(model="transformer", **{**plain, "epochs": 2}), resume=True,
                    progress=False, given=["epochs"])
     assert result["epochs_run"] == 2

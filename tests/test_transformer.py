@@ -10,6 +10,8 @@ from captions.generation import Beam, Greedy, Sample, beam_search, generate, gre
 from captions.models.checkpoint import build_decoder
 from captions.pipeline.vocab import END_ID
 
+PLAIN = {"encoder_layers": 0, "global_feature": False}  # no encoder, no whole-image input (defaults: 1, on)
+
 
 def tiny(seed: int = 0, **settings):
     torch.manual_seed(seed)
@@ -33,8 +35,8 @@ def feats(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 5, 6, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("settings", [{}, {"encoder_layers": 1, "positions": "learned", "tie_embeddings": True},
-                                      {"global_feature": True}])
+@pytest.mark.parametrize("settings", [{}, PLAIN, {**PLAIN, "encoder_layers": 1, "positions": "learned",
+                                                "tie_embeddings": True}, {**PLAIN, "global_feature": True}])
 def test_the_cache_gives_the_same_greedy_and_beam_results(settings):
     model, f = tiny(**settings), feats(8)
     cached = greedy_decode(model, f, 16), beam_search(model, f, 16, beam_size=3)
@@ -48,7 +50,7 @@ def test_the_cache_gives_the_same_greedy_and_beam_results(settings):
         torch.testing.assert_close(maps_a, maps_b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{}, {"global_feature": True}])
+@pytest.mark.parametrize("settings", [{}, PLAIN])
 def test_beam_results_do_not_depend_on_the_batch(settings):
     model, f = tiny(**settings), feats(6)
     whole = beam_search(model, f, 12, beam_size=4)
@@ -58,7 +60,7 @@ def test_beam_results_do_not_depend_on_the_batch(settings):
         torch.testing.assert_close(one[1][0], whole[1][i], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{"encoder_layers": 1}, {"global_feature": True}])
+@pytest.mark.parametrize("settings", [{}, {**PLAIN, "encoder_layers": 1}, {**PLAIN, "global_feature": True}])
 def test_teacher_forcing_equals_the_steps_and_groups_captions_by_image(settings):
     model, f = tiny(**settings), feats(3)
     tokens = torch.randint(4, 14, (5, 7))

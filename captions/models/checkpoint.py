@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from captions.errors import CaptionsError, output_error
+from captions.errors import CaptionsError, error_text, output_error
 from captions.fsutil import atomic_path, fault_point
 from captions.models.base import CaptionDecoder
 from captions.models.registry import DecoderConfig, decoder_config, decoder_entry, stored_decoder_config
@@ -108,6 +108,6 @@ def load_decoder(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, CaptionsError) as e:
         raise CaptionsError(f"checkpoint does not describe a usable decoder ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
+                            f"{error_text(e)})", path) from None
     model.to(device).eval()
     return LoadedDecoder(model, list(ckpt["vocab"]["idx_to_token"]), int(ckpt["max_length"]), ckpt)

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from captions.distributed import Distributed, barrier, join
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, error_text
 from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
 from captions.fsutil import atomic_path
 from captions.models.checkpoint import build_decoder, load_checkpoint, save_checkpoint
 from captions.models.registry import decoder_config, decoder_entry, stored_decoder_config
-from captions.options import option_fields
+from captions.options import as_option, option_fields
 from captions.pipeline.prepared import PreparedDataset, load_prepared
 from captions.trainer.commit import repair
 from captions.trainer.config import TrainConfig
@@ -72,6 +72,10 @@ def _setting(cfg: TrainConfig, name: str) -> Any:
     return getattr(cfg, name) if name in cfg.__dataclass_fields__ else cfg.decoder_settings().get(name)
 
 
+def _as_given(name: str, value: Any) -> str:
+    return f"model {value}" if name == "model" else as_option(name, value)
+
+
 def resumed_config(stored: TrainConfig, cfg: TrainConfig, given: Collection[str] | None, last: Path) -> TrainConfig:
     """The config a resumed run continues with: the stored one, with the ``given`` settings of
     ``cfg`` (all of them when None) that may change on resume (``CHANGEABLE_ON_RESUME``), each
@@ -81,7 +85,8 @@ def resumed_config(stored: TrainConfig, cfg: TrainConfig, given: Collection[str]
     changed = sorted(n for n in names if _setting(cfg, n) != _setting(stored, n))
     fixed = [n for n in changed if n not in CHANGEABLE_ON_RESUME]
     if fixed:
-        what = "; ".join(f"{n} {_setting(stored, n)!r} (asked {_setting(cfg, n)!r})" for n in fixed)
+        what = "; ".join(f"{_as_given(n, _setting(stored, n))} (asked {_as_given(n, _setting(cfg, n))})"
+                         for n in fixed)
         raise CaptionsError(f"--resume continues the stored run, whose settings these would change: {what}; "
                             f"start a new run in another --out instead", last)
     out = TrainConfig.from_dict({**asdict(stored), **{n: getattr(cfg, n) for n in changed}})
@@ -363,12 +368,12 @@ class TrainingRun:
         differ = sorted(k for k, v in stored.items() if k in given and given[k] != v)
         if differ:
             raise CaptionsError("--init-from: its decoder settings differ: " + ", ".join(
-                f"{k} {stored[k]} (here {given[k]})" for k in differ), path)
+                f"{as_option(k, stored[k])} (here {as_option(k, given[k])})" for k in differ), path)
         try:
             self.load_weights(ckpt["state_dict"])
         except RuntimeError as e:
             raise CaptionsError(f"--init-from: its {ckpt['model']} decoder does not fit these decoder settings "
-                                f"({str(e).splitlines()[0]}); give the settings it was trained with", path) from None
+                                f"({error_text(e)}); give the settings it was trained with", path) from None
         if ckpt.get("encoder") is not None:
             self.encoder.model.load_state_dict(ckpt["encoder"]["state_dict"])
         self.state.epoch = self.cfg.epochs
