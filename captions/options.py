@@ -76,8 +76,8 @@ def click_option(f: dataclasses.Field, note: str = "", shown_default: str | None
     value = field_default(f)
     help_text = meta["help"] + (f" {note}" if note else "")
     if isinstance(value, bool):  # --x/--no-x, so that a command line can turn off what a config file set
-        return click.option(f"{flag(f.name)}/--no-{flag(f.name)[2:]}", f.name, default=value, help=help_text,
-                            show_default=True)
+        return click.option(f"{as_option(f.name, True)}/{as_option(f.name, False)}", f.name, default=value,
+                            help=help_text, show_default=True)
     kind: Any = type(value)
     if meta["choices"]:
         kind = click.Choice(list(meta["choices"]))
