@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.backbones import Backbone, Preprocessing, build_backbone, mean_pooled, spatial_shape_of
 from captions.features.forward import FeatureForward, pooled_and_spatial
 from captions.features.preprocess import preprocess_image
@@ -181,7 +181,7 @@ class Captioner:
         except ImageRefused as e:
             raise CaptionsError(f"image refused ({e})", path) from None
         except Exception as e:  # PIL raises many types for non-images and corrupt data
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            detail = first_line(e)
             raise CaptionsError(f"cannot read as an image ({type(e).__name__}: {detail})", path) from None
 
     def load_file(self, file: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -31,8 +31,16 @@ def os_reason(e: BaseException) -> str:
         code = int(m.group(1))
     if code:
         return os.strerror(code)
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e)
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first non-blank line of an exception's message, stripped; else ``default``, else the
+    exception's type name. Library errors often carry a multi-line message, or none at all."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    return default if default is not None else type(e).__name__
 
 
 def error_text(e: BaseException, limit: int = 300) -> str:

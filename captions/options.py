@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 
 _KEY = "captions"
 
@@ -164,7 +164,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: one line either way
         raise CaptionsError(f"not valid {'YAML' if path.suffix.lower() in ('.yml', '.yaml') else 'JSON'} "
-                            f"({str(e).splitlines()[0]})", path) from None
+                            f"({first_line(e)})", path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.spec import TokenLayout
 from captions.fsutil import sha256_file
 
@@ -170,7 +170,7 @@ class WeightsUnavailable(CaptionsError):
 
 
 def weights_failed(name: str, err: Exception) -> WeightsUnavailable:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     return WeightsUnavailable(
         f"could not get the default pretrained weights for {name} ({reason}). Download them where you have "
         f"internet and pass '--weights PATH' (a state_dict file), or use '--weights none' for random "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from captions.distributed import Distributed, barrier, join, leave
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, spatial_shape_of
 from captions.features.cache import FORMAT_NAME, read_attrs, structure_problem, unfinished_chunks
 from captions.features.forward import FeatureForward, pooled_and_spatial
@@ -46,7 +46,7 @@ log = logging.getLogger("captions")
 
 
 def _failure(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return f"{type(e).__name__}: {first_line(e, '')}"
 
 
 def load_crops(paths: list[Path], rows, prep) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:

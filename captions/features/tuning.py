@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.backbones import Backbone, build_backbone
 
 TUNED_PREFIX = "finetuned:"  # weights identity of a backbone whose weights a training run changed
@@ -118,6 +118,6 @@ def tuned_backbone(name: str, image_size: int, state: dict[str, torch.Tensor], i
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CaptionsError(f"the checkpoint's fine-tuned encoder does not fit backbone {name} "
-                            f"({str(e).splitlines()[0]})") from None
+                            f"({first_line(e)})") from None
     bb.module.eval().requires_grad_(False)
     return replace(bb, weights=identity)

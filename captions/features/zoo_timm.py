@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.backbones import (
     TIMM_PREFIX,
     Backbone,
@@ -148,7 +148,7 @@ def _create(arch: str, pretrained: bool, kwargs: dict, name: str, image_size: in
 
 
 def wrong_size(name: str, image_size: int, native: int, err: BaseException) -> CaptionsError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     return CaptionsError(f"backbone {name} does not run at --image-size {image_size} ({reason}); it was made "
                          f"for --image-size {native}")
 

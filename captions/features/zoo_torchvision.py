@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.features.backbones import (
     Backbone,
     load_state_dict_strict,
@@ -212,7 +212,7 @@ def _model(name: str, weights: str, image_size: int, wenum) -> tuple[nn.Module, 
 
 
 def _wrong_size(name: str, image_size: int, wenum, err: BaseException) -> CaptionsError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     native = wenum.transforms().crop_size[0]
     return CaptionsError(f"backbone {name} does not run at --image-size {image_size} ({reason}); it was made "
                          f"for --image-size {native}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from captions.errors import CaptionsError, error_text, output_error
+from captions.errors import CaptionsError, error_text, first_line, output_error
 from captions.fsutil import atomic_path, fault_point
 from captions.models.base import CaptionDecoder
 from captions.models.registry import DecoderConfig, decoder_config, decoder_entry, stored_decoder_config
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                   if "Unsupported global" in str(e) else "not a file that torch.save wrote")
         raise CaptionsError(f"not a captions checkpoint ({reason})", path) from None
     except Exception as e:
-        detail = str(e).splitlines()[0] if str(e).strip() else "empty or truncated file"
+        detail = first_line(e, "empty or truncated file")
         raise CaptionsError(f"cannot load as a checkpoint ({type(e).__name__}: {detail})", path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
         raise CaptionsError("not a captions checkpoint", path)

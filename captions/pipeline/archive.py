@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from captions.errors import CaptionsError, output_error
+from captions.errors import CaptionsError, first_line, output_error
 from captions.fsutil import fault_point, write_all
 
 log = logging.getLogger("captions")
@@ -316,7 +316,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, progres
 
                 return _extract(pairs, dest, archive, open_tar, progress, desc)
     except _READ_ERRORS as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        reason = first_line(e).rstrip(":")
         raise CorruptArchive(f"corrupt archive: {reason}", archive) from None
     raise CorruptArchive("not a zip or tar archive", archive)
 
@@ -347,7 +347,7 @@ def check_archive(archive: str | os.PathLike) -> None:
     except (*_READ_ERRORS, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise CaptionsError("archive not found", archive) from None
-        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        reason = first_line(e).rstrip(":")
         raise CorruptArchive(f"not a whole zip or tar archive ({reason})", archive) from None
 
 

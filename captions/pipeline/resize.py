@@ -15,6 +15,7 @@ from typing import IO
 
 from PIL import Image, ImageOps
 
+from captions.errors import first_line
 from captions.fsutil import write_bytes_atomic
 from captions.pipeline.settings import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO
 
@@ -162,7 +163,7 @@ def resize_one(src: str, dst: str, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     except ImageRefused as e:
         return f"image refused ({e})"
     except Exception as e:  # PIL raises many types for corrupt data; any of them means "skip this image"
-        return f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        return f"unreadable image ({type(e).__name__}: {first_line(e, 'no detail')})"
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, comment=identity)
     write_bytes_atomic(dst, buf.getvalue(), fsync=False, fault=("prepare", "image"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 from captions.fsutil import atomic_path, read_text, sha256_file, writing
 from captions.pipeline.settings import SUBWORD_TOKENIZERS as SUBWORD_KINDS
 from captions.pipeline.settings import PrepareOptions
@@ -203,7 +203,7 @@ def load_hf(path: str | Path) -> SubwordModel:
         tok = Tokenizer.from_str(text)
         spec = json.loads(text)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise CaptionsError(f"not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})", path) from None
+        raise CaptionsError(f"not a Hugging Face tokenizer.json ({first_line(e)[:200]})", path) from None
     tok.no_padding()
     tok.no_truncation()
     itos = _id_ordered(tok.get_vocab(with_added_tokens=True), path)

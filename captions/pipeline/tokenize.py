@@ -8,7 +8,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
-from captions.errors import CaptionsError
+from captions.errors import CaptionsError, first_line
 
 TOKENIZERS = ("simple", "nltk", "spacy", "wordpiece", "bpe", "hf:PATH")
 Tokenizer = Callable[[str], list[str]]
@@ -45,7 +45,7 @@ def _spacy_tokenizer(lang: str) -> Tokenizer:
     try:
         nlp = spacy.blank(lang)
     except Exception as e:  # spacy raises ImportError / ValueError subclasses for unknown languages
-        raise CaptionsError(f"spacy cannot make a blank '{lang}' pipeline: {str(e).splitlines()[0]}") from None
+        raise CaptionsError(f"spacy cannot make a blank '{lang}' pipeline: {first_line(e)}") from None
 
     def tokenize(text: str) -> list[str]:
         doc = nlp.make_doc(unicodedata.normalize("NFC", text).lower())

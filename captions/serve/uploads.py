@@ -17,6 +17,7 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
+from captions.errors import first_line
 from captions.pipeline.resize import ImageRefused, open_image
 
 # formats PIL decodes in-process; others (EPS runs Ghostscript, PDF, PSD...) are refused with 415
@@ -120,12 +121,7 @@ def _refuse_unreadable(fp: IO[bytes], what: str, error: Exception | None, conten
                              "WebP, GIF, BMP or TIFF")
     if error is None:
         return ApiError(400, f"{what} is not an image (no {', '.join(ACCEPTED_FORMATS)} header)")
-    return ApiError(400, f"{what} cannot be read as an image ({type(error).__name__}: {_first_line(error)})")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
+    return ApiError(400, f"{what} cannot be read as an image ({type(error).__name__}: {first_line(error)})")
 
 
 def read_image(upload: Upload, load: Callable[[IO[bytes]], Image.Image], what: str) -> Image.Image:
@@ -158,4 +154,4 @@ def read_image(upload: Upload, load: Callable[[IO[bytes]], Image.Image], what: s
     except ImageRefused as e:
         raise ApiError(413, f"{what} refused: {e}") from None
     except Exception as e:  # PIL raises many types for corrupt data
-        raise ApiError(400, f"{what} cannot be decoded ({type(e).__name__}: {_first_line(e)})") from None
+        raise ApiError(400, f"{what} cannot be decoded ({type(e).__name__}: {first_line(e)})") from None

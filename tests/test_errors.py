@@ -1,0 +1,36 @@
+"""The one-line reasons that error messages quote from library exceptions."""
+
+import errno
+
+import pytest
+
+from captions.errors import error_text, first_line, os_reason
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (ValueError("bad header\n  at byte 12"), "bad header"),
+    (ValueError("\n   \n  indented reason  \nmore"), "indented reason"),
+    (RuntimeError(""), "RuntimeError"),          # an empty message must not raise IndexError
+    (RuntimeError("  \n "), "RuntimeError"),
+    (KeyError("x"), "'x'"),
+])
+def test_first_line_is_the_first_non_blank_line_else_the_type(exc, expected):
+    assert first_line(exc) == expected
+
+
+def test_first_line_default_replaces_the_type_name():
+    assert first_line(OSError(), "no detail") == "no detail"
+    assert first_line(OSError("disk gone"), "no detail") == "disk gone"
+
+
+def test_os_reason_prefers_the_errno_text():
+    assert os_reason(OSError(errno.ENOSPC, "whatever")) == "No space left on device"
+    assert os_reason(RuntimeError("H5 write failed (errno = 28, ...)")) == "No space left on device"
+    assert os_reason(RuntimeError("\nsecond line only")) == "second line only"
+
+
+def test_error_text_joins_lines_and_cuts_long_messages():
+    assert error_text(RuntimeError("Error(s) in loading:\n\tMissing key(s): a.b")) == \
+        "Error(s) in loading: Missing key(s): a.b"
+    assert error_text(RuntimeError("x" * 400), limit=10) == "x" * 10 + "…"
+    assert error_text(RuntimeError("")) == "RuntimeError"
