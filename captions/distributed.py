@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +65,22 @@ def leave(dist: Distributed) -> None:
     if dist.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         dist.owns_group = False
+
+
+@contextmanager
+def main_rank_logs() -> Iterator[None]:
+    """Within it, a process that is not rank 0 of torchrun's run (``RANK`` > 0) logs only warnings
+    and errors: its info lines would repeat rank 0's, once per rank."""
+    logger = logging.getLogger("captions")
+    if int(os.environ.get("RANK", 0)) == 0:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def barrier(dist: Distributed) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captions.distributed import average_gradients, leave
+from captions.distributed import average_gradients, leave, main_rank_logs
 from captions.errors import OutputError, output_error
 from captions.fsutil import fault_point, folder_lock, write_json_atomic
 from captions.models.checkpoint import save_checkpoint
@@ -82,14 +82,14 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     (None: all of them): on resume those that may change are applied (``resumed_config``), and
     one that may not is refused. Returns {"best": {...}, "epochs_run": n, "out": path}.
     Under torchrun (WORLD_SIZE > 1) it joins the process group, creating it if none exists yet;
-    one it created is destroyed when training finishes.
+    one it created is destroyed when training finishes; ranks other than 0 log only warnings.
 
     Raises ``CaptionsError`` for unusable inputs (another dataset, other features, a run already
     in ``out_dir`` without ``resume``, another run writing ``out_dir`` now), ``OutputError`` (one
     line: the file, the system's reason) when a file cannot be written (the committed epochs are
     kept: ``--resume`` continues) and ``TrainingInterrupted`` after Ctrl-C (checkpoint saved).
     """
-    with run_lock(Path(out_dir)):
+    with run_lock(Path(out_dir)), main_rank_logs():
         try:
             run, finished = TrainingRun.open(data_dir, features, out_dir, cfg or TrainConfig(), resume, given)
             if run is None:
