@@ -175,7 +175,7 @@ class Captioner:
             return to_rgb(image)
         path = Path(image)
         if not path.is_file():
-            raise CaptionsError("image file not found", path)
+            raise CaptionsError("a folder, not an image file" if path.is_dir() else "image file not found", path)
         try:
             return self.load_file(path)
         except ImageRefused as e:

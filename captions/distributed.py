@@ -67,20 +67,33 @@ def leave(dist: Distributed) -> None:
         dist.owns_group = False
 
 
+class _RankPrefix(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"rank {rank}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
 @contextmanager
 def main_rank_logs() -> Iterator[None]:
     """Within it, a process that is not rank 0 of torchrun's run (``RANK`` > 0) logs only warnings
-    and errors: its info lines would repeat rank 0's, once per rank."""
-    logger = logging.getLogger("captions")
-    if int(os.environ.get("RANK", 0)) == 0:
+    and errors, each led by ``rank N:``: its info lines would repeat rank 0's, once per rank."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
         yield
         return
+    logger, prefix = logging.getLogger("captions"), _RankPrefix(rank)
     level = logger.level
     logger.setLevel(max(logging.WARNING, level))
+    logger.addFilter(prefix)
     try:
         yield
     finally:
         logger.setLevel(level)
+        logger.removeFilter(prefix)
 
 
 def barrier(dist: Distributed) -> None:

@@ -43,6 +43,19 @@ def first_line(e: BaseException, default: str | None = None) -> str:
     return default if default is not None else type(e).__name__
 
 
+def torch_load_reason(e: BaseException, size: int) -> str:
+    """Why ``torch.load(..., weights_only=True)`` of a ``size``-byte file raised ``e``, in a few
+    words: an empty file; pickled Python objects the safe load refuses; not torch.save's format;
+    else the library's first sentence (torch appends a paragraph of advice to a damaged zip's)."""
+    if size == 0:
+        return "an empty file"
+    if "Unsupported global" in str(e):
+        return "it holds Python objects that a safe load, weights_only=True, does not run"
+    if type(e).__name__ in ("UnpicklingError", "KeyError", "EOFError"):
+        return "not a file that torch.save wrote"
+    return f"truncated or damaged: {first_line(e).split('. ')[0].rstrip('.')}"
+
+
 def error_text(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (its lines joined; ``load_state_dict`` gives its reason
     only after the first), cut at ``limit`` characters; else the exception's type."""

@@ -145,6 +145,15 @@ def validate(obj: Any, what: str) -> None:
             raise CaptionsError(f"{what}: {f.name.replace('_', '-')} {e}") from None
 
 
+def _parse_reason(e: Exception) -> str:
+    """What a parser found and where: PyYAML's first line is only its context ("while parsing a
+    flow sequence"); its problem and 1-based position follow. JSON's first line has both."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem}, line {mark.line + 1}, column {mark.column + 1}"
+    return first_line(e)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A settings file (YAML or JSON, by suffix; ``.yml``/``.yaml`` read with PyYAML) -> a mapping
     of setting names (dashes or underscores) to values. Raises ``CaptionsError`` naming the file."""
@@ -164,7 +173,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: one line either way
         raise CaptionsError(f"not valid {'YAML' if path.suffix.lower() in ('.yml', '.yaml') else 'JSON'} "
-                            f"({first_line(e)})", path) from None
+                            f"({_parse_reason(e)})", path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

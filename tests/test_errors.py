@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from captions.errors import error_text, first_line, os_reason
+from captions.errors import error_text, first_line, os_reason, torch_load_reason
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -34,3 +34,31 @@ def test_error_text_joins_lines_and_cuts_long_messages():
         "Error(s) in loading: Missing key(s): a.b"
     assert error_text(RuntimeError("x" * 400), limit=10) == "x" * 10 + "…"
     assert error_text(RuntimeError("")) == "RuntimeError"
+
+
+def _load_reason(path):
+    import torch
+
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as e:
+        return torch_load_reason(e, path.stat().st_size)
+    raise AssertionError(f"{path} loaded")
+
+
+def test_torch_load_reason_names_what_is_wrong_with_the_file(tmp_path):
+    from fractions import Fraction
+
+    import torch
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(4096)}, good)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "half.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"cfg": Fraction(1, 2)}, tmp_path / "objects.pt")  # a Python object: refused by the safe load
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint at all\n")
+    assert _load_reason(tmp_path / "empty.pt") == "an empty file"
+    half = _load_reason(tmp_path / "half.pt")
+    assert half.startswith("truncated or damaged: ") and "If you are seeing this error" not in half
+    assert "does not run" in _load_reason(tmp_path / "objects.pt")
+    assert _load_reason(tmp_path / "text.pt") == "not a file that torch.save wrote"

@@ -145,8 +145,9 @@ def test_captioner_attention_maps(run, captioner):
     for res in results:  # one (h, w) distribution per word over the 2 x 2 grid
         assert res.attention is not None and res.attention.shape == (len(res.words), 2, 2)
         np.testing.assert_allclose(res.attention.sum(axis=(1, 2)), 1.0, rtol=1e-4)
-    missing = captioner.caption([run["root"] / "missing.jpg"])[0]
+    missing, folder = captioner.caption([run["root"] / "missing.jpg", run["root"]])
     assert missing.error is not None and "image file not found" in missing.error
+    assert folder.error == f"{run['root']}: a folder, not an image file"
 
 
 def test_captioner_refuses_a_huge_png_by_max_pixels_not_by_pils_limit(captioner, tmp_path, monkeypatch):
@@ -308,7 +309,9 @@ def test_a_zero_byte_or_truncated_checkpoint_is_one_line(run, tmp_path, damage):
                  ["caption", run["data"] / "source" / "missing.jpg", "--checkpoint", ckpt]):
         r = cli(*args)
         assert r.exit_code == 1 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
-        assert r.output.startswith(f"Error: {ckpt}: ")
+        reason = "an empty file" if damage == "empty" else "truncated or damaged: "
+        assert r.output.startswith(f"Error: {ckpt}: not a captions checkpoint ({reason}"), r.output
+        assert "If you are seeing this error" not in r.output  # torch's advice paragraph is cut
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "last.pt").write_bytes(ckpt.read_bytes())

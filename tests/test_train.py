@@ -348,6 +348,8 @@ def test_torchrun_two_ranks_train_with_ddp(tmp_path, synth, model, sizes):
     assert r.stdout.count(f"trained {model}") == 1
     # rank 1 logs warnings only: each info line once, not once per rank
     assert r.stderr.count("training on cpu") == 1 and r.stderr.count("self-critical training from") == 1
+    if model == "transformer":  # the warm-up warning is each rank's own: rank 1's says so
+        assert r.stderr.count("rank 1: warm-up of 400 steps is longer") == 1, r.stderr
 
 
 def test_self_critical_epochs_follow_the_cross_entropy_ones_and_resume(tmp_path, synth):
@@ -482,7 +484,8 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, synth):
     ("schedule: linear\n", ["lstm"], "schedule must be one of cosine, step, none"),
     ("epochs: 1\n", ["lstm", "--attention", "additive"], "--attention does not apply to lstm"),
     ("epochs: 1\n", [], "missing MODEL"),
-    ("epochs: [\n", ["lstm"], "not valid YAML"),
+    ("epochs: [\n", ["lstm"], "not valid YAML (expected the node content, but found '<stream end>', line 2, column 1)"),
+    ("scst-epochs: 4\n\tlr: 0.1\n", ["lstm"], "found character '\\t' that cannot start any token, line 2, column 1"),
     ("latin-1", ["lstm"], "not UTF-8 text"),
 ])
 def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, message):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captions.errors import CaptionsError, first_line
+from captions.errors import CaptionsError, first_line, torch_load_reason
 from captions.features.spec import TokenLayout
 from captions.fsutil import sha256_file
 
@@ -128,7 +128,8 @@ def read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CaptionsError(f"cannot read as a torch state_dict ({type(e).__name__})", path) from None
+        raise CaptionsError(f"cannot read as a torch state_dict ({torch_load_reason(e, path.stat().st_size)})",
+                            path) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

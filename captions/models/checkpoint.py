@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from captions.errors import CaptionsError, error_text, first_line, output_error
+from captions.errors import CaptionsError, error_text, output_error, torch_load_reason
 from captions.fsutil import atomic_path, fault_point
 from captions.models.base import CaptionDecoder
 from captions.models.registry import DecoderConfig, decoder_config, decoder_entry, stored_decoder_config
@@ -72,13 +71,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CaptionsError("checkpoint not found", path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, KeyError, EOFError) as e:  # torch advises turning the safe load off
-        reason = ("it holds Python objects that a safe load, weights_only=True, does not run"
-                  if "Unsupported global" in str(e) else "not a file that torch.save wrote")
-        raise CaptionsError(f"not a captions checkpoint ({reason})", path) from None
-    except Exception as e:
-        detail = first_line(e, "empty or truncated file")
-        raise CaptionsError(f"cannot load as a checkpoint ({type(e).__name__}: {detail})", path) from None
+    except Exception as e:  # torch's own advice (turn the safe load off) is wrong for a user's file
+        raise CaptionsError(f"not a captions checkpoint ({torch_load_reason(e, path.stat().st_size)})",
+                            path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
         raise CaptionsError("not a captions checkpoint", path)
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -224,8 +224,10 @@ class TrainingRun:
             cache.close()
             raise
         if ckpt is not None and ckpt.get("early_stopped"):  # before any features are loaded: nothing to do
-            log.info("%s stopped early at epoch %d (its val metric had not improved for %d epochs): nothing to resume",
-                     out / "last.pt", ckpt["epoch"], ckpt["bad_epochs"])
+            log.info("%s stopped early at epoch %d (its val metric had not improved for %d epochs): nothing to resume; "
+                     "settings changed on --resume do not reopen it (to train on from its best weights: "
+                     "--init-from %s with another --out)", out / "last.pt", ckpt["epoch"], ckpt["bad_epochs"],
+                     out / "best.pt")
             cache.close()
             return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
         run = cls(out, ds, cache, cfg)
