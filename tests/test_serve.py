@@ -149,8 +149,10 @@ def test_every_error_class_then_a_good_request(model, server):
     client = Client(server["url"])
     good = model["images"][0].read_bytes()
     cases = [(b.kind, b.body, b.content_type, b.status) for b in bad_uploads(good, 20_000_000, 50_000_000)]
-    ico = io.BytesIO()
+    ico, png = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(ico, "ICO")
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(png, "PNG")
+    good_png = png.getvalue()
     cases += [("raw text body", b"hello", "text/plain", 415),
               ("JSON body", b"{}", "application/json", 415),
               ("no file", *multipart([]), 400),
@@ -158,11 +160,16 @@ def test_every_error_class_then_a_good_request(model, server):
               ("raw SVG body", SVG, "image/svg+xml", 415),
               ("SVG file", *multipart([("logo.svg", SVG, "image/svg+xml")]), 415),
               ("ICO file", *multipart([("favicon.ico", ico.getvalue(), "image/x-icon")]), 415),
-              ("more files than --queue", *multipart([jpeg(model["images"][0])] * 17), 413)]
+              ("more files than --queue", *multipart([jpeg(model["images"][0])] * 17), 413),
+              ("a PNG cut after its signature", *multipart([("cut.png", good_png[:40], "image/png")]), 400),
+              ("a GIF signature then junk", *multipart([("junk.gif", b"GIF89a" + bytes(range(50)), "image/gif")]),
+               400)]
     needles = {"raw SVG body": "image 0 is declared image/svg+xml, an image format not accepted",
                "SVG file": "image 0 (logo.svg) is declared image/svg+xml",
                "ICO file": "image 0 (favicon.ico) is an image in ICO format; accepted: JPEG, PNG",
-               "more files than --queue": "more than 16 images in one request (--queue 16)"}
+               "more files than --queue": "more than 16 images in one request (--queue 16)",
+               "a PNG cut after its signature": "image 0 (cut.png) starts like a PNG file but its header is damaged",
+               "a GIF signature then junk": "image 0 (junk.gif) starts like a GIF file but its header is damaged"}
     for kind, body, ctype, want in cases:
         status, answer = client.request("POST", "/v1/captions", body, {"Content-Type": ctype})
         assert status == want, (kind, answer)

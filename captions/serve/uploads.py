@@ -100,6 +100,18 @@ def unaccepted_image_type(content_type: str) -> str | None:
     return None if sub.removeprefix("x-") in ACCEPTED_SUBTYPES else kind
 
 
+# the accepted formats' magic numbers of three bytes or more (BMP's "BM" would match plain text)
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _signature(head: bytes) -> str | None:
+    """The accepted format whose magic number ``head`` (the first 16 bytes) starts with, else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
 def _refuse_unreadable(fp: IO[bytes], what: str, error: Exception | None, content_type: str = "") -> ApiError:
     """Why PIL could not open ``fp`` among the accepted formats: another image format, found in
     the content or declared by ``content_type`` (415), or not an image at all (400)."""
@@ -119,6 +131,8 @@ def _refuse_unreadable(fp: IO[bytes], what: str, error: Exception | None, conten
     if declared:  # SVG (text, which PIL does not read), and formats PIL has no plugin for
         return ApiError(415, f"{what} is declared {declared}, an image format not accepted; send JPEG, PNG, "
                              "WebP, GIF, BMP or TIFF")
+    if error is None and (started := _signature(head)):
+        return ApiError(400, f"{what} starts like a {started} file but its header is damaged or cut off")
     if error is None:
         return ApiError(400, f"{what} is not an image (no {', '.join(ACCEPTED_FORMATS)} header)")
     return ApiError(400, f"{what} cannot be read as an image ({type(error).__name__}: {first_line(error)})")
