@@ -47,7 +47,7 @@ class TrainConfig:
     ema: float = setting(0.0, "Evaluate and ship an exponential moving average of the weights with this decay per "
                               "step (0: off).", min=0, max=0.999999)
     patience: int = setting(5, "Early stopping: epochs without a better val CIDEr.", min=1)
-    # 8 -> 16: the transformer's val CIDEr still rose after 8 (ucm +0.09 over seeds); attn's had peaked, and
+    # 8 -> 16: the transformer's val CIDEr still rose after 8 (ucm +0.08 over seeds); attn's had peaked, and
     # --patience ends its phase as before, so no decoder's best epoch is lost (benchmarks/README.md)
     scst_epochs: int = setting(16, "Self-critical epochs after the cross-entropy ones: sample captions, reward "
                                    "them with their CIDEr-D against the image's references (baseline: the image's "
