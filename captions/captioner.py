@@ -176,6 +176,8 @@ class Captioner:
         path = Path(image)
         if not path.is_file():
             raise CaptionsError("a folder, not an image file" if path.is_dir() else "image file not found", path)
+        if path.stat().st_size == 0:
+            raise CaptionsError("an empty file (0 bytes), not an image", path)
         try:
             return self.load_file(path)
         except ImageRefused as e:

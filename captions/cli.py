@@ -13,7 +13,15 @@ from captions import __version__
 from captions.demo import DemoOptions
 from captions.errors import CaptionsError
 from captions.models.registry import DECODERS
-from captions.options import checked_value, click_options, field_default, flag, option_fields, read_config_file
+from captions.options import (
+    checked_value,
+    click_options,
+    field_default,
+    flag,
+    option_fields,
+    read_config_file,
+    setting_names,
+)
 from captions.pipeline.settings import PrepareOptions, prepare_option_fields
 from captions.serve.settings import ServeOptions
 from captions.trainer.config import TrainConfig
@@ -282,7 +290,10 @@ def _read_train_file(path: Path) -> dict:
     decoder = file.pop("decoder", None) or {}
     if not isinstance(decoder, dict):
         raise CaptionsError("decoder must be a mapping of the decoder's settings", path)
-    file.update({str(k).replace("-", "_"): v for k, v in decoder.items()})
+    decoder = setting_names(decoder, path)
+    if twice := sorted(set(file) & set(decoder)):
+        raise CaptionsError(f"{twice[0].replace('_', '-')} is given twice (also under decoder)", path)
+    file.update(decoder)
     fields = {f.name: f for f, *_ in _train_fields()}
     unknown = sorted(set(file) - set(fields) - {"model", *_PATHS})
     if unknown:

@@ -53,6 +53,8 @@ def torch_load_reason(e: BaseException, size: int) -> str:
         return "it holds Python objects that a safe load, weights_only=True, does not run"
     if type(e).__name__ in ("UnpicklingError", "KeyError", "EOFError"):
         return "not a file that torch.save wrote"
+    if isinstance(e, OSError) or "enforce fail" in str(e):  # the zip reader's EINVAL or C++ check
+        return "truncated or damaged, or a zip file that torch.save did not write"
     return f"truncated or damaged: {first_line(e).split('. ')[0].rstrip('.')}"
 
 

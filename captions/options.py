@@ -168,9 +168,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix.lower() in (".yml", ".yaml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader: no Python objects
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: one line either way
         raise CaptionsError(f"not valid {'YAML' if path.suffix.lower() in ('.yml', '.yaml') else 'JSON'} "
                             f"({_parse_reason(e)})", path) from None
@@ -178,4 +178,42 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise CaptionsError("a config file must hold a mapping of setting names to values", path)
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return setting_names(data, path)
+
+
+def setting_names(mapping: dict, path: Path) -> dict[str, Any]:
+    """``mapping``'s keys as setting names (dashes -> underscores). Raises ``CaptionsError`` naming
+    ``path`` when two keys name one setting (``scst-epochs`` and ``scst_epochs``): which would win
+    is an accident of the file's order."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            raise CaptionsError(f"{name.replace('_', '-')} is given twice", path)
+        out[name] = value
+    return out
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if dup := next((k for k in keys if keys.count(k) > 1), None):
+        raise ValueError(f"key {dup!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _unique_keys_loader():
+    """PyYAML's SafeLoader, refusing a mapping that repeats a key (it keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader

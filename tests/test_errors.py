@@ -1,6 +1,7 @@
 """The one-line reasons that error messages quote from library exceptions."""
 
 import errno
+import zipfile
 
 import pytest
 
@@ -59,6 +60,9 @@ def test_torch_load_reason_names_what_is_wrong_with_the_file(tmp_path):
     (tmp_path / "text.pt").write_bytes(b"not a checkpoint at all\n")
     assert _load_reason(tmp_path / "empty.pt") == "an empty file"
     half = _load_reason(tmp_path / "half.pt")
-    assert half.startswith("truncated or damaged: ") and "If you are seeing this error" not in half
+    assert half.startswith("truncated or damaged") and "If you are seeing this error" not in half
+    with zipfile.ZipFile(tmp_path / "zip.pt", "w") as z:  # a zip, but not torch.save's layout
+        z.writestr("notes.txt", "hello")
+    assert _load_reason(tmp_path / "zip.pt") == "truncated or damaged, or a zip file that torch.save did not write"
     assert "does not run" in _load_reason(tmp_path / "objects.pt")
     assert _load_reason(tmp_path / "text.pt") == "not a file that torch.save wrote"

@@ -137,7 +137,7 @@ def test_caption_cli_images_attention_maps_and_a_bad_file(run, tmp_path):
     assert all(not np.array_equal(tile, tiles[0]) for tile in tiles[1:])  # and differs from the plain photo
 
 
-def test_captioner_attention_maps(run, captioner):
+def test_captioner_attention_maps(run, captioner, tmp_path):
     ds = load_prepared(run["data"])
     paths = [ds.image_path(int(i)) for i in ds.split_image_ids("test")]
     results = captioner.caption(paths, beam_size=2)
@@ -145,9 +145,11 @@ def test_captioner_attention_maps(run, captioner):
     for res in results:  # one (h, w) distribution per word over the 2 x 2 grid
         assert res.attention is not None and res.attention.shape == (len(res.words), 2, 2)
         np.testing.assert_allclose(res.attention.sum(axis=(1, 2)), 1.0, rtol=1e-4)
-    missing, folder = captioner.caption([run["root"] / "missing.jpg", run["root"]])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    missing, folder, empty = captioner.caption([run["root"] / "missing.jpg", run["root"], tmp_path / "empty.jpg"])
     assert missing.error is not None and "image file not found" in missing.error
     assert folder.error == f"{run['root']}: a folder, not an image file"
+    assert empty.error == f"{tmp_path / 'empty.jpg'}: an empty file (0 bytes), not an image"
 
 
 def test_captioner_refuses_a_huge_png_by_max_pixels_not_by_pils_limit(captioner, tmp_path, monkeypatch):
@@ -309,7 +311,7 @@ def test_a_zero_byte_or_truncated_checkpoint_is_one_line(run, tmp_path, damage):
                  ["caption", run["data"] / "source" / "missing.jpg", "--checkpoint", ckpt]):
         r = cli(*args)
         assert r.exit_code == 1 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
-        reason = "an empty file" if damage == "empty" else "truncated or damaged: "
+        reason = "an empty file" if damage == "empty" else "truncated or damaged"
         assert r.output.startswith(f"Error: {ckpt}: not a captions checkpoint ({reason}"), r.output
         assert "If you are seeing this error" not in r.output  # torch's advice paragraph is cut
     resumed = tmp_path / "resumed"

@@ -487,6 +487,10 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, synth):
     ("epochs: [\n", ["lstm"], "not valid YAML (expected the node content, but found '<stream end>', line 2, column 1)"),
     ("scst-epochs: 4\n\tlr: 0.1\n", ["lstm"], "found character '\\t' that cannot start any token, line 2, column 1"),
     ("latin-1", ["lstm"], "not UTF-8 text"),
+    ("lr: 0.1\nepochs: 2\nlr: 0.2\n", ["lstm"], "not valid YAML (found duplicate key 'lr', line 3, column 1)"),
+    ("scst-epochs: 1\nscst_epochs: 2\n", ["lstm"], "scst-epochs is given twice"),
+    ("embed_dim: 8\ndecoder:\n  embed-dim: 16\n", ["lstm"], "embed-dim is given twice (also under decoder)"),
+    ('{"lr": 0.1, "lr": 0.2}', ["lstm"], "not valid JSON (key 'lr' appears twice in one object)"),
 ])
 def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, message):
     from click.testing import CliRunner
@@ -494,7 +498,7 @@ def test_train_refuses_bad_settings_in_one_line(tmp_path, synth, text, args, mes
     from captions.cli import main
 
     data, cache = synth
-    cfg_file = tmp_path / "bad.yaml"
+    cfg_file = tmp_path / ("bad.json" if text.startswith("{") else "bad.yaml")
     cfg_file.write_text(text)
     if text == "latin-1":
         cfg_file.write_bytes(b"\xff\xfeepochs: 1\n")

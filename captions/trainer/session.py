@@ -225,9 +225,9 @@ class TrainingRun:
             raise
         if ckpt is not None and ckpt.get("early_stopped"):  # before any features are loaded: nothing to do
             log.info("%s stopped early at epoch %d (its val metric had not improved for %d epochs): nothing to resume; "
-                     "settings changed on --resume do not reopen it (to train on from its best weights: "
-                     "--init-from %s with another --out)", out / "last.pt", ckpt["epoch"], ckpt["bad_epochs"],
-                     out / "best.pt")
+                     "settings changed on --resume do not reopen it (to train on from its best weights, start a new "
+                     "run: --config %s --init-from %s --out NEW_DIR, plus the settings to change)", out / "last.pt",
+                     ckpt["epoch"], ckpt["bad_epochs"], out / "config.json", out / "best.pt")
             cache.close()
             return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
         run = cls(out, ds, cache, cfg)
