@@ -369,7 +369,8 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
         scores = (f", val CIDEr {b['CIDEr']:.3f}" if b.get("CIDEr") is not None  # None: undefined, one val image
                   else f", val loss {b['val_loss']:.3f} (CIDEr undefined)" if "val_loss" in b else "")
         scores += f", BLEU-4 {b['BLEU-4']:.3f}" if scores and "BLEU-4" in b else ""
-        click.echo(f"trained {model}: best epoch {b.get('epoch')}{scores}; checkpoints in {paths['out']}")
+        done = "already trained" if result.get("stopped_before") else "trained"  # a resumed run that had stopped
+        click.echo(f"{done} {model}: best epoch {b.get('epoch')}{scores}; checkpoints in {paths['out']}")
 
 
 # --------------------------------------------------------------------------------------------- evaluate

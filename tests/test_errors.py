@@ -66,3 +66,18 @@ def test_torch_load_reason_names_what_is_wrong_with_the_file(tmp_path):
     assert _load_reason(tmp_path / "zip.pt") == "truncated or damaged, or a zip file that torch.save did not write"
     assert "does not run" in _load_reason(tmp_path / "objects.pt")
     assert _load_reason(tmp_path / "text.pt") == "not a file that torch.save wrote"
+
+
+def test_a_torch_file_that_captions_did_not_write_is_named_as_such(tmp_path):
+    import torch
+
+    from captions.errors import CaptionsError
+    from captions.models.checkpoint import load_checkpoint
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CaptionsError, match=r"weights.pt: not a captions checkpoint \(a torch file holding a "
+                                            r"state_dict or other mapping, not one that 'captions train' wrote\)"):
+        load_checkpoint(tmp_path / "weights.pt")
+    with pytest.raises(CaptionsError, match=r"list.pt: not a captions checkpoint \(a torch file holding a list,"):
+        load_checkpoint(tmp_path / "list.pt")

@@ -93,8 +93,9 @@ def test_early_stop_is_final_and_resume_leaves_it(tmp_path, synth):
     cfg = config(model="lstm", **{**TINY, "epochs": 6, "lr": 0.0}, patience=1)  # lr 0: CIDEr never improves
     result = train(data, cache, tmp_path / "run", cfg, progress=False)
     assert result["epochs_run"] == 2 and result["best"]["epoch"] == 1
+    assert "stopped_before" not in result
     again = train(data, cache, tmp_path / "run", cfg, resume=True, progress=False)
-    assert again["epochs_run"] == 2 and len(read_metrics(tmp_path / "run")) == 2
+    assert again["epochs_run"] == 2 and len(read_metrics(tmp_path / "run")) == 2 and again["stopped_before"]
 
 
 @pytest.mark.parametrize("start", ["cider", "loss"])

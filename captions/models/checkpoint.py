@@ -75,7 +75,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CaptionsError(f"not a captions checkpoint ({torch_load_reason(e, path.stat().st_size)})",
                             path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
-        raise CaptionsError("not a captions checkpoint", path)
+        what = "a state_dict or other mapping" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CaptionsError(f"not a captions checkpoint (a torch file holding {what}, not one that "
+                            f"'captions train' wrote)", path)
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CaptionsError(f"checkpoint format version {ckpt.get('format_version')}, this captions reads "
                             f"{FORMAT_VERSION}", path)

@@ -229,7 +229,7 @@ class TrainingRun:
                      "run: --config %s --init-from %s --out NEW_DIR, plus the settings to change)", out / "last.pt",
                      ckpt["epoch"], ckpt["bad_epochs"], out / "config.json", out / "best.pt")
             cache.close()
-            return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out)}
+            return None, {"best": ckpt["best"], "epochs_run": ckpt["epoch"], "out": str(out), "stopped_before": True}
         run = cls(out, ds, cache, cfg)
         if ckpt is not None:
             run.restore(ckpt)

@@ -80,7 +80,8 @@ def train(data_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str
     it), ``metrics.jsonl`` and ``config.json`` (the resolved settings). ``resume`` continues from
     ``last.pt`` exactly where it stopped; ``given`` names the settings of ``cfg`` the caller chose
     (None: all of them): on resume those that may change are applied (``resumed_config``), and
-    one that may not is refused. Returns {"best": {...}, "epochs_run": n, "out": path}.
+    one that may not is refused. Returns {"best": {...}, "epochs_run": n, "out": path} (and
+    "stopped_before": True when a resumed run had already stopped early: nothing was trained).
     Under torchrun (WORLD_SIZE > 1) it joins the process group, creating it if none exists yet;
     one it created is destroyed when training finishes; ranks other than 0 log only warnings.
 
