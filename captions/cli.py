@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -169,13 +168,14 @@ def extract_features_cmd(dataset_dir, backbone, weights, out, image_size, dtype,
     resume; under 'torchrun --nproc_per_node N -m captions extract-features ...' the images are
     split across ranks and merged into one file.
     """
+    from captions.distributed import launch_rank
     from captions.features.extract import ExtractOptions, extract_features
 
     opts = ExtractOptions(backbone=backbone, weights=weights, image_size=image_size, dtype=dtype,
                           batch_size=batch_size, workers=workers, device=device, compression=compression,
                           chunk_rows=chunk_rows, channels_last=channels_last, precision=precision)
     path = extract_features(dataset_dir, out, opts, progress=not quiet)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         click.echo(f"features: {path}")
 
 
@@ -347,6 +347,7 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
     (per phase). Ctrl-C saves a checkpoint at the current step; '--resume' continues exactly from
     it. Under 'torchrun --nproc_per_node N -m captions train ...' training uses DistributedDataParallel.
     """
+    from captions.distributed import launch_rank
     from captions.trainer.train import train
 
     given = _read_train_file(config) if config is not None else {}
@@ -364,7 +365,7 @@ def train_cmd(ctx, model, config, resume, quiet, **values) -> None:
     given_names = {k for k in given if k not in _PATHS} | {"model"}
     result = train(paths["data"], paths["features"], paths["out"], cfg, resume=resume, progress=not quiet,
                    given=given_names)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         b = result["best"]
         scores = (f", val CIDEr {b['CIDEr']:.3f}" if b.get("CIDEr") is not None  # None: undefined, one val image
                   else f", val loss {b['val_loss']:.3f} (CIDEr undefined)" if "val_loss" in b else "")

@@ -34,6 +34,12 @@ class Distributed:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``); 0 outside torchrun. Readable before the
+    process group exists (locks, logging and output are rank 0's from the start)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def join(device: str | torch.device) -> Distributed:
     """Resolve ``device`` and join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -44,7 +50,7 @@ def join(device: str | torch.device) -> Distributed:
     with WORLD_SIZE > 1 each rank takes ``cuda:LOCAL_RANK``.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = launch_rank(), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     owns_group = world > 1 and not torch.distributed.is_initialized()
     if owns_group:
@@ -81,7 +87,7 @@ class _RankPrefix(logging.Filter):
 def main_rank_logs() -> Iterator[None]:
     """Within it, a process that is not rank 0 of torchrun's run (``RANK`` > 0) logs only warnings
     and errors, each led by ``rank N:``: its info lines would repeat rank 0's, once per rank."""
-    rank = int(os.environ.get("RANK", 0))
+    rank = launch_rank()
     if rank == 0:
         yield
         return

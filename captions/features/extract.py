@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captions.distributed import Distributed, barrier, join, leave
+from captions.distributed import Distributed, barrier, join, launch_rank, leave
 from captions.errors import CaptionsError, first_line
 from captions.features.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, spatial_shape_of
 from captions.features.cache import FORMAT_NAME, read_attrs, structure_problem, unfinished_chunks
@@ -377,7 +377,7 @@ def extract_features(dataset_dir: str | os.PathLike, out: str | os.PathLike | No
     ds = load_prepared(dataset_dir)
     out = Path(out) if out is not None else default_cache_path(Path(dataset_dir), opts.backbone, opts.image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
+    rank0 = launch_rank() == 0
     with output_lock(out.with_name(f".{out.name}.lock"), "extract-features") if rank0 else contextlib.nullcontext():
         device = resolve_device(opts.device)
         bb = build_backbone(opts.backbone, opts.weights, opts.image_size)

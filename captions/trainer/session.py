@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from captions.distributed import Distributed, barrier, join
+from captions.distributed import Distributed, barrier, join, launch_rank
 from captions.errors import CaptionsError, error_text
 from captions.features.cache import FeatureCache
 from captions.features.spec import FeatureSpec
@@ -111,7 +111,7 @@ def resume_point(out: Path, ds: PreparedDataset, cache: FeatureCache, cfg: Train
     (``captions.trainer.commit.repair``). Raises ``CaptionsError`` when ``out`` holds a run and
     ``resume`` is off, or the run was trained on another dataset or other features, or a setting
     may not change."""
-    last, main = out / "last.pt", int(os.environ.get("RANK", 0)) == 0
+    last, main = out / "last.pt", launch_rank() == 0
     if not resume:
         if last.exists():
             raise CaptionsError("already holds a training run; pass --resume to continue it, or choose another "

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captions.distributed import average_gradients, leave, main_rank_logs
+from captions.distributed import average_gradients, launch_rank, leave, main_rank_logs
 from captions.errors import OutputError, output_error
 from captions.fsutil import fault_point, folder_lock, write_json_atomic
 from captions.models.checkpoint import save_checkpoint
@@ -106,7 +106,7 @@ def run_lock(out: Path) -> Iterator[None]:
     when the process is killed) for the whole run, on rank 0; a second run into ``out`` is refused
     in one line naming the lock and its holder. A run directory this call created and left empty
     is removed. Raises ``OutputError`` when ``out`` cannot be created (a read-only folder)."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if launch_rank() != 0:
         yield
         return
     created = not out.exists()
